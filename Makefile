@@ -1,0 +1,44 @@
+# Two entry points for a bare machine: `make demo` and `make test`. Both build .venv themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# PyTorch is pinned to the CPU build that installs without a multi-GB CUDA download here;
+# override TORCH_SPEC (e.g. TORCH_SPEC=torch) on a machine with a GPU.
+TORCH_SPEC ?= torch==2.13.0
+# The test suite runs the SQL edit-log tests against this PostgreSQL server as well as SQLite.
+MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+export MEMEDIT_TEST_PG_URL
+
+.PHONY: venv demo test lint typecheck unit bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev,postgres]"
+	touch $@
+
+demo: venv
+	$(BIN)/memedit demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q
+
+unit: venv
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: venv
+	$(BIN)/python benchmarks/memory_ops.py
+	$(BIN)/python benchmarks/routing.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

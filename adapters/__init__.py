@@ -1,0 +1,1 @@
+"""Merged adapters (GRACE, LoRA/AdaLoRA, T-Patcher, WISE): the `adapter` strategy (issue 5)."""

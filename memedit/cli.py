@@ -1,0 +1,188 @@
+"""The `memedit` command line: demo, model catalogue, and edits on a persistent memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from memedit.errors import MemeditError
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from memedit.models import DEFAULT_MODEL, is_pulled, list_models
+
+    rows = []
+    for e in list_models():
+        rows.append(
+            {
+                "name": e.name,
+                "default": e.name == DEFAULT_MODEL,
+                "pulled": is_pulled(e.name),
+                "verified": e.verified,
+                "architecture": e.architecture,
+                "description": e.description,
+            }
+        )
+    if args.json:
+        _out(json.dumps(rows, indent=2))
+        return 0
+    _out(f"{'name':<22}{'arch':<14}{'pulled':<8}{'verified':<10}description")
+    for r in rows:
+        name = f"{r['name']}{' *' if r['default'] else ''}"
+        _out(
+            f"{name:<22}{r['architecture']:<14}{'yes' if r['pulled'] else 'no':<8}"
+            f"{'yes' if r['verified'] else 'no':<10}{r['description']}"
+        )
+    _out("* default; any transformers model id or local directory also works")
+    return 0
+
+
+def _cmd_models_pull(args: argparse.Namespace) -> int:
+    from memedit.models import pull
+
+    path = pull(args.name, progress=not args.quiet)
+    _out(f"{args.name}: {path}")
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from memedit.editable import EditableModel
+
+    with EditableModel.load(args.model, memory=args.memory, url=args.url) as em:
+        if args.raw:
+            answer = em.generate(args.question, max_new_tokens=args.max_new_tokens)
+        else:
+            answer = em.chat(
+                [{"role": "user", "content": args.question}], max_new_tokens=args.max_new_tokens
+            )
+    if args.json:
+        _out(json.dumps({"answer": answer.text, "decision": answer.decision.to_dict()}, indent=2))
+    else:
+        _out(answer.text.strip())
+        d = answer.decision
+        used = ", ".join(f"#{i}" for i in d.used_edit_ids) or "none"
+        _out(f"[in scope: {d.in_scope}; edits used: {used}]")
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from memedit.stores.memory import EditMemory
+    from memedit.types import EditRequest
+
+    if args.file:
+        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        items = data if isinstance(data, list) else [data]
+        requests = [EditRequest.from_dict(d) for d in items]
+    else:
+        if not args.prompt or not args.target:
+            _out("memedit edit: give --prompt and --target (or --file)")
+            return 2
+        requests = [EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject)]
+    with EditMemory.open(args.memory, url=args.url) as mem:
+        records = mem.add(requests)
+    for r in records:
+        _out(f"#{r.id}: {r.request.fact}")
+    return 0
+
+
+def _cmd_edits(args: argparse.Namespace) -> int:
+    from memedit.stores.memory import EditMemory
+
+    with EditMemory.open(args.memory, url=args.url) as mem:
+        for r in mem.list(include_rolled_back=args.all):
+            _out(f"#{r.id} [{r.status}] {r.request.fact}")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from memedit.stores.memory import EditMemory
+
+    with EditMemory.open(args.memory, url=args.url) as mem:
+        r = mem.remove(args.edit_id)
+    _out(f"rolled back #{r.id}: {r.request.fact}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from memedit.demo import run_demo
+
+    return run_demo(model=args.model, memory=args.memory, write=_out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memedit", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="edit facts in the default model and show the answers")
+    demo.add_argument("--model", default=None, help="catalogue name, directory or hub id")
+    demo.add_argument("--memory", default=None, help="memory directory (default: a fresh one)")
+    demo.set_defaults(fn=_cmd_demo)
+
+    models = sub.add_parser("models", help="the model catalogue")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="list catalogue models")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(fn=_cmd_models_list)
+    mp = msub.add_parser("pull", help="fetch, verify and convert a catalogue model")
+    mp.add_argument("name")
+    mp.add_argument("--quiet", action="store_true")
+    mp.set_defaults(fn=_cmd_models_pull)
+
+    def memory_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--memory", required=True, help="edit memory directory")
+        sp.add_argument("--url", default=None, help="SQLAlchemy URL of the edit log")
+
+    ask = sub.add_parser("ask", help="answer a question with the memory's edits applied")
+    memory_args(ask)
+    ask.add_argument("question")
+    ask.add_argument("--model", default=None)
+    ask.add_argument("--raw", action="store_true", help="complete the text, no chat template")
+    ask.add_argument("--max-new-tokens", type=int, default=32)
+    ask.add_argument("--json", action="store_true", help="print the answer and the decision")
+    ask.set_defaults(fn=_cmd_ask)
+
+    edit = sub.add_parser("edit", help="add edits to a memory")
+    memory_args(edit)
+    edit.add_argument("--prompt")
+    edit.add_argument("--target")
+    edit.add_argument("--subject", default="")
+    edit.add_argument("--file", help="JSON file with one request or a list of them")
+    edit.set_defaults(fn=_cmd_edit)
+
+    edits = sub.add_parser("edits", help="list a memory's edits")
+    memory_args(edits)
+    edits.add_argument("--all", action="store_true", help="include rolled-back edits")
+    edits.set_defaults(fn=_cmd_edits)
+
+    rb = sub.add_parser("rollback", help="undo one edit")
+    memory_args(rb)
+    rb.add_argument("edit_id", type=int)
+    rb.set_defaults(fn=_cmd_rollback)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.fn(args))
+    except (MemeditError, FileNotFoundError) as exc:
+        sys.stderr.write(f"memedit: error: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,472 @@
+"""`EditableModel`: the inference wrapper that answers every query with the current edits.
+
+A query first retrieves the top-k edits from the edit memory, the scope classifier scores
+each (query, edit) pair, and
+
+* in scope → the counterfactual path answers (the edits in context, with its own trained
+  weights active only for this call);
+* out of scope → the model answers exactly as it would unwrapped.
+
+The decision (candidates, their scores, the threshold, the edits used) comes back with every
+answer so the caller can log it. A black-box ``chat(messages) -> str`` callable can be wrapped
+the same way; it can only use the ``memory`` strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memedit.errors import InvalidRequestError, MemeditError
+from memedit.generation import chat_text, check_messages, greedy_generate
+from memedit.types import STRATEGIES, Answer, EditRecord, EditRequest, Hit, ScopeDecision
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from memedit.counterfactual import CounterfactualPath
+    from memedit.scope import ScopeClassifier
+    from memedit.stores.memory import EditMemory
+
+log = logging.getLogger(__name__)
+
+ChatFn = Callable[[list[dict[str, str]]], str]
+
+MANIFEST = "memedit.json"
+FORMAT_VERSION = 1
+
+
+class UnsupportedStrategyError(MemeditError, ValueError):
+    """The requested edit strategy is unknown or not available for this wrapped model."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How queries are routed. ``threshold`` None means the scope classifier's own."""
+
+    k: int = 5
+    threshold: float | None = None
+    max_context_edits: int = 3
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("k", "max_context_edits", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                msg = f"RouterConfig.{name} must be a positive integer, got {value!r}"
+                raise InvalidRequestError(msg, field=name, value=value)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            msg = f"RouterConfig.threshold must lie in [0, 1], got {self.threshold!r}"
+            raise InvalidRequestError(msg, field="threshold", value=self.threshold)
+
+
+def _as_requests(requests: object) -> list[EditRequest]:
+    if isinstance(requests, (EditRequest, Mapping)):
+        requests = [requests]
+    if not isinstance(requests, Sequence) or isinstance(requests, str):
+        msg = f"edit() takes an EditRequest or a list of them, got {type(requests).__name__}"
+        raise InvalidRequestError(msg, field="requests", value=requests)
+    if not requests:
+        msg = "edit() got an empty list of requests"
+        raise InvalidRequestError(msg, field="requests", value=requests)
+    out: list[EditRequest] = []
+    for i, r in enumerate(requests):
+        if isinstance(r, EditRequest):
+            out.append(r)
+        elif isinstance(r, Mapping):
+            try:
+                out.append(EditRequest.from_dict(r))
+            except InvalidRequestError as exc:
+                msg = f"requests[{i}]: {exc}"
+                raise InvalidRequestError(msg, field=exc.field, value=exc.value) from exc
+        else:
+            msg = f"requests[{i}] must be an EditRequest or a mapping, got {type(r).__name__}"
+            raise InvalidRequestError(msg, field=f"requests[{i}]", value=r)
+    return out
+
+
+class EditableModel:
+    """A language model (or black-box chat function) that answers with its edits applied."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        memory: EditMemory,
+        scope: ScopeClassifier,
+        counterfactual: CounterfactualPath | None = None,
+        chat_fn: ChatFn | None = None,
+        config: RouterConfig | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        local = model is not None or tokenizer is not None
+        if local and chat_fn is not None:
+            msg = "pass either (model, tokenizer) or chat_fn, not both"
+            raise InvalidRequestError(msg, field="chat_fn", value=chat_fn)
+        if local and (model is None or tokenizer is None):
+            msg = "a local model needs both model and tokenizer"
+            raise InvalidRequestError(msg, field="tokenizer" if model else "model", value=None)
+        if not local and chat_fn is None:
+            msg = "nothing to wrap: pass (model, tokenizer) or a chat_fn(messages) -> str"
+            raise InvalidRequestError(msg, field="model", value=None)
+        if local and counterfactual is None:
+            from memedit.counterfactual import default_counterfactual_path
+
+            assert model is not None and tokenizer is not None
+            counterfactual = default_counterfactual_path(model, tokenizer)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_fn = chat_fn
+        self.memory = memory
+        self.scope = scope
+        self.counterfactual = counterfactual
+        self.config = config or RouterConfig()
+        self.model_name = model_name or (
+            str(getattr(model.config, "_name_or_path", "")) if model is not None else ""
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        memory: str | Path | None = None,
+        url: str | None = None,
+        config: RouterConfig | None = None,
+        device: str | None = None,
+        progress: bool = True,
+    ) -> EditableModel:
+        """Load a catalogue model, local directory or hub id (default: the embedded default)
+        with an edit memory at `memory` (a directory; in-memory if None) or SQL `url`."""
+        from memedit.counterfactual import default_counterfactual_path
+        from memedit.models import DEFAULT_MODEL, load_model
+        from memedit.scope import load_scope_classifier
+        from memedit.stores.memory import EditMemory
+
+        name = str(model) if model is not None else DEFAULT_MODEL
+        lm, tok = load_model(name, device=device)
+        mem = EditMemory.open(memory, url=url)
+        try:
+            scope = load_scope_classifier(progress=progress)
+            cf = default_counterfactual_path(lm, tok, progress=progress)
+        except BaseException:
+            mem.close()
+            raise
+        return cls(lm, tok, memory=mem, scope=scope, counterfactual=cf, config=config,
+                   model_name=name)
+
+    @classmethod
+    def wrap_chat(
+        cls,
+        chat_fn: ChatFn,
+        *,
+        memory: str | Path | None = None,
+        url: str | None = None,
+        config: RouterConfig | None = None,
+        progress: bool = True,
+    ) -> EditableModel:
+        """Wrap a black-box ``chat(messages) -> str`` (e.g. an OpenAI-compatible client)."""
+        from memedit.scope import load_scope_classifier
+        from memedit.stores.memory import EditMemory
+
+        mem = EditMemory.open(memory, url=url)
+        try:
+            scope = load_scope_classifier(progress=progress)
+        except BaseException:
+            mem.close()
+            raise
+        return cls(memory=mem, scope=scope, chat_fn=chat_fn, config=config)
+
+    # ------------------------------------------------------------------ edits
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        """Strategies this wrapped model supports now."""
+        return ("memory",)
+
+    def edit(
+        self, requests: EditRequest | Mapping[str, Any] | Sequence[EditRequest | Mapping[str, Any]],
+        *, strategy: str = "memory",
+    ) -> list[EditRecord]:
+        """Apply edits; all land (log + index) or none do. Returns one record per request."""
+        if strategy not in STRATEGIES:
+            msg = f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}"
+            raise UnsupportedStrategyError(msg)
+        if strategy not in self.strategies:
+            what = "a black-box chat model" if self.model is None else "this model yet"
+            msg = (
+                f"strategy {strategy!r} is not available for {what}; "
+                f"available: {list(self.strategies)}"
+            )
+            raise UnsupportedStrategyError(msg)
+        reqs = _as_requests(requests)
+        records = self.memory.add(reqs, strategy="memory", method="memory")
+        log.info("applied %d edit(s) through the memory strategy", len(records))
+        return records
+
+    def rollback(self, edit_id: int) -> EditRecord:
+        """Undo one edit: it no longer influences any answer. Returns its record."""
+        return self.memory.remove(edit_id)
+
+    def edits(self, *, include_rolled_back: bool = False) -> list[EditRecord]:
+        """The applied edits (active only, unless asked)."""
+        return self.memory.list(include_rolled_back=include_rolled_back)
+
+    # ------------------------------------------------------------------ routing
+    @property
+    def threshold(self) -> float:
+        t = self.config.threshold
+        return float(self.scope.threshold if t is None else t)
+
+    def route(self, query: str) -> ScopeDecision:
+        """Retrieve candidate edits for `query` and decide whether it is in their scope."""
+        if not isinstance(query, str) or not query.strip():
+            msg = f"query must be a non-empty string, got {query!r:.80}"
+            raise InvalidRequestError(msg, field="query", value=query)
+        hits: list[Hit] = self.memory.search(query, k=self.config.k) if len(self.memory) else []
+        if not hits:
+            return ScopeDecision(query=query, in_scope=False, threshold=self.threshold)
+        scores = [float(s) for s in self.scope.score(query, [h.record.request for h in hits])]
+        ranked = sorted(
+            (i for i, s in enumerate(scores) if s >= self.threshold), key=lambda i: -scores[i]
+        )
+        used = tuple(hits[i].record.id for i in ranked[: self.config.max_context_edits])
+        return ScopeDecision(
+            query=query,
+            in_scope=bool(used),
+            threshold=self.threshold,
+            candidates=tuple(hits),
+            scores=tuple(scores),
+            used_edit_ids=used,
+        )
+
+    def _used_requests(self, decision: ScopeDecision) -> list[EditRequest]:
+        by_id = {h.record.id: h.record.request for h in decision.candidates}
+        return [by_id[i] for i in decision.used_edit_ids]
+
+    def model_input(self, query: str) -> tuple[str, ScopeDecision]:
+        """The exact text the local model is run on for `query`, and the decision behind it."""
+        self._need_local("model_input")
+        assert self.tokenizer is not None and self.counterfactual is not None
+        decision = self.route(query)
+        if not decision.in_scope:
+            return query, decision
+        text = self.counterfactual.build_input(query, self._used_requests(decision), self.tokenizer)
+        return text, decision
+
+    def activated(self, decision: ScopeDecision) -> AbstractContextManager[Any]:
+        """Context in which the model runs for this decision (the counterfactual path's
+        weights are active only for in-scope queries)."""
+        if decision.in_scope and self.counterfactual is not None and self.model is not None:
+            return self.counterfactual.activate(self.model)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ answering
+    def generate(self, prompt: str, *, max_new_tokens: int | None = None) -> Answer:
+        """Complete `prompt` (raw text, no chat template) with the edits applied."""
+        n = max_new_tokens or self.config.max_new_tokens
+        if self.model is None:
+            return self.chat([{"role": "user", "content": prompt}], max_new_tokens=n)
+        assert self.tokenizer is not None
+        text, decision = self.model_input(prompt)
+        with self.activated(decision):
+            out = greedy_generate(self.model, self.tokenizer, text, max_new_tokens=n)
+        return Answer(text=out, decision=decision, prompt=text)
+
+    def chat(
+        self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int | None = None
+    ) -> Answer:
+        """Answer the last user message of a transcript with the edits applied."""
+        msgs = check_messages(messages)
+        decision = self.route(msgs[-1]["content"])
+        edits = self._used_requests(decision) if decision.in_scope else []
+        if self.model is None:
+            assert self.chat_fn is not None
+            sent = _with_fact_context(msgs, edits) if edits else msgs
+            reply = self.chat_fn(sent)
+            if not isinstance(reply, str):
+                msg = f"the wrapped chat function returned {type(reply).__name__}, not str"
+                raise MemeditError(msg)
+            return Answer(text=reply, decision=decision, prompt=json.dumps(sent))
+        assert self.tokenizer is not None and self.counterfactual is not None
+        n = max_new_tokens or self.config.max_new_tokens
+        if edits:
+            text = self.counterfactual.build_chat_input(msgs, edits, self.tokenizer)
+        else:
+            text = chat_text(self.tokenizer, msgs)
+        with self.activated(decision):
+            out = greedy_generate(
+                self.model, self.tokenizer, text, max_new_tokens=n, add_special_tokens=False
+            )
+        return Answer(text=out.strip(), decision=decision, prompt=text)
+
+    # ------------------------------------------------------------------ scoring (evaluator)
+    def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
+        """KnowEdit's teacher-forced token accuracy of each target after its routed prompt."""
+        from memedit.metrics import teacher_forced_accuracy
+
+        return self._score_routed(prompts, targets, teacher_forced_accuracy)
+
+    def predicted_tokens(self, prompts: Sequence[str], targets: Sequence[str]) -> list[list[int]]:
+        """Teacher-forced argmax tokens at the target positions (for locality)."""
+        from memedit.metrics import predicted_tokens
+
+        return self._score_routed(prompts, targets, predicted_tokens)
+
+    def _score_routed(self, prompts: Sequence[str], targets: Sequence[str], fn: Any) -> list[Any]:
+        self._need_local("teacher-forced scoring")
+        if len(prompts) != len(targets):
+            msg = f"{len(prompts)} prompts but {len(targets)} targets"
+            raise InvalidRequestError(msg, field="targets", value=len(targets))
+        routed = [self.model_input(p) for p in prompts]
+        results: list[Any] = [None] * len(prompts)
+        for in_scope in (False, True):
+            idx = [i for i, (_, d) in enumerate(routed) if d.in_scope == in_scope]
+            if not idx:
+                continue
+            ctx = self.activated(routed[idx[0]][1])
+            with ctx:
+                vals = fn(
+                    self.model, self.tokenizer,
+                    [routed[i][0] for i in idx], [targets[i] for i in idx],
+                )
+            for i, v in zip(idx, vals, strict=True):
+                results[i] = v
+        return results
+
+    def _need_local(self, what: str) -> None:
+        if self.model is None:
+            msg = f"{what} needs a local model; this EditableModel wraps a black-box chat function"
+            raise UnsupportedStrategyError(msg)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a self-contained bundle: a manifest and the edit memory (log + index).
+        The base model is referenced by name (its weights are unchanged by the memory
+        strategy); `from_pretrained` reloads it."""
+        out = Path(directory)
+        if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+            msg = f"{out} exists and is not a memedit bundle; choose an empty directory"
+            raise InvalidRequestError(msg, field="directory", value=str(out))
+        if self.model is not None and not self.model_name:
+            msg = "the wrapped model has no name or path to reference; pass model_name="
+            raise InvalidRequestError(msg, field="model_name", value=self.model_name)
+        tmp = out.with_name(out.name + ".tmp-save")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            url = _export_memory(self.memory, tmp / "memory")
+            manifest = {
+                "format": FORMAT_VERSION,
+                "model": self.model_name,
+                "black_box": self.model is None,
+                "memory_url": url,
+                "embedder": self.memory.embedder.name,
+                "scope": self.scope.name,
+                "counterfactual": self.counterfactual.name if self.counterfactual else None,
+                "router": asdict(self.config),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        chat_fn: ChatFn | None = None,
+        device: str | None = None,
+        progress: bool = True,
+    ) -> EditableModel:
+        """Reopen a bundle written by `save_pretrained` (edits intact)."""
+        path = Path(directory)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            msg = f"{path} is not a memedit bundle (no {MANIFEST})"
+            raise InvalidRequestError(msg, field="directory", value=str(path))
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT_VERSION:
+            found = manifest.get("format")
+            msg = f"{manifest_path} has format {found!r}; expected {FORMAT_VERSION}"
+            raise InvalidRequestError(msg, field="format", value=manifest.get("format"))
+        config = RouterConfig(**manifest.get("router", {}))
+        url = manifest.get("memory_url")
+        if manifest.get("black_box"):
+            if chat_fn is None:
+                msg = "this bundle wraps a black-box chat model: pass chat_fn="
+                raise InvalidRequestError(msg, field="chat_fn", value=None)
+            return cls.wrap_chat(
+                chat_fn, memory=path / "memory", url=url, config=config, progress=progress
+            )
+        return cls.load(
+            manifest["model"], memory=path / "memory", url=url, config=config, device=device,
+            progress=progress,
+        )
+
+    def close(self) -> None:
+        """Flush and close the edit memory."""
+        self.memory.close()
+
+    def __enter__(self) -> EditableModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[EditRecord]:
+        return iter(self.edits())
+
+
+def _export_memory(memory: EditMemory, dest: Path) -> str | None:
+    """Copy a SQLite-backed memory (log + index) into `dest`; for a server-backed log return
+    its URL (the bundle then refers to the shared log and rebuilds its index from it)."""
+    import sqlite3
+
+    from memedit.stores.memory import INDEX_FILE, LOG_FILE
+
+    memory.save()
+    dest.mkdir(parents=True, exist_ok=True)
+    url = str(memory.log.url)
+    if not url.startswith("sqlite"):
+        return url
+    raw = memory.log.engine.raw_connection()  # works for a file and for an in-memory log
+    try:
+        src: Any = raw.driver_connection
+        dst = sqlite3.connect(dest / LOG_FILE)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        raw.close()
+    if memory.index_path is not None and memory.index_path.is_file():
+        shutil.copy2(memory.index_path, dest / INDEX_FILE)
+    return None
+
+
+def _with_fact_context(
+    messages: list[dict[str, str]], edits: Sequence[EditRequest]
+) -> list[dict[str, str]]:
+    """For a black-box chat model: state the edited facts in a system message."""
+    facts = "\n".join(f"- {e.fact}" for e in edits)
+    system = (
+        "Answer using these facts, which are true and override anything you knew before:\n"
+        f"{facts}"
+    )
+    if messages and messages[0]["role"] == "system":
+        merged = {"role": "system", "content": f"{messages[0]['content']}\n\n{system}"}
+        return [merged, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]

@@ -1,0 +1,1 @@
+"""Edit memory: embedders, the FAISS edit index and the SQL edit log (`memedit.stores`)."""

@@ -1,0 +1,54 @@
+"""Shared fixtures. Unit tests build tiny random models; integration tests (marked
+``integration``) use the packaged SmolLM2 model and real KnowEdit records."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def knowedit() -> Path:
+    from memedit.paths import knowedit_dir
+
+    return knowedit_dir()
+
+
+def _pg_url() -> str | None:
+    return os.environ.get("MEMEDIT_TEST_PG_URL") or None
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh SQL database URL: a SQLite file, and a real PostgreSQL schema when
+    MEMEDIT_TEST_PG_URL is set (`make test` sets it). Without it the postgres case is skipped
+    by name."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'log.db'}"
+        return
+    url = _pg_url()
+    if url is None:
+        pytest.skip("postgres: MEMEDIT_TEST_PG_URL is not set (no PostgreSQL server configured)")
+    import uuid
+
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # a configured but unreachable server is a failure, not a skip
+        pytest.fail(f"PostgreSQL at {url} is configured but unusable: {exc}")
+    sep = "&" if "?" in url else "?"
+    try:
+        yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
