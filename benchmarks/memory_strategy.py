@@ -71,8 +71,10 @@ def main() -> None:
         return f"{100 * statistics.fmean(xs):.2f}" if xs else "n/a"
 
     print(f"dataset {args.dataset}, {len(reqs)} records, all edits in memory at once")
-    print(f"model {em.model_name}; scope {em.scope.name} (threshold {em.threshold:.3f}); "
-          f"counterfactual {em.counterfactual.name if em.counterfactual else None}")
+    print(
+        f"model {em.model_name}; scope {em.scope.name} (threshold {em.threshold:.3f}); "
+        f"counterfactual {em.counterfactual.name if em.counterfactual else None}"
+    )
     print(f"pre-edit Edit Succ.        {pct(pre_edit)}")
     print(f"Edit Succ. (edit prompt)   {pct(edit_acc)}")
     print(f"rephrase accuracy          {pct(reph_acc)}  (n={len(reph)})")

@@ -45,8 +45,10 @@ def main() -> None:
         gen_ms.append(1000 * (time.perf_counter() - t1))
     r50, g50 = statistics.median(route_ms), statistics.median(gen_ms)
     print(f"{len(edits)} edits in memory; {len(queries)} unrelated queries, {oos} out of scope")
-    print(f"routing (retrieve k={em.config.k} + scope) p50 {r50:.1f} ms, "
-          f"p95 {sorted(route_ms)[int(0.95 * (len(route_ms) - 1))]:.1f} ms")
+    print(
+        f"routing (retrieve k={em.config.k} + scope) p50 {r50:.1f} ms, "
+        f"p95 {sorted(route_ms)[int(0.95 * (len(route_ms) - 1))]:.1f} ms"
+    )
     print(f"20-token greedy generation p50 {g50:.0f} ms")
     print(f"overhead {100 * r50 / g50:.2f}% of generation (floor: <= 5%)")
     em.close()

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from memedit.errors import MemeditError
+from memedit.errors import InvalidRequestError, MemeditError
+from memedit.types import EditRequest
 
 
 def _out(text: str = "") -> None:
@@ -74,14 +75,32 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_requests(path: Path) -> list[EditRequest]:
+    """Edit requests from a JSON file (one object or a list), naming the bad entry."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        msg = f"{path} is not UTF-8 text (bad byte at offset {exc.start})"
+        raise InvalidRequestError(msg, field="file", value=str(path)) from exc
+    except json.JSONDecodeError as exc:
+        msg = f"{path} is not valid JSON: {exc}"
+        raise InvalidRequestError(msg, field="file", value=str(path)) from exc
+    items = data if isinstance(data, list) else [data]
+    out: list[EditRequest] = []
+    for i, d in enumerate(items):
+        try:
+            out.append(EditRequest.from_dict(d))
+        except InvalidRequestError as exc:
+            msg = f"{path}: request {i}: {exc}"
+            raise InvalidRequestError(msg, field=exc.field, value=exc.value) from exc
+    return out
+
+
 def _cmd_edit(args: argparse.Namespace) -> int:
     from memedit.stores.memory import EditMemory
-    from memedit.types import EditRequest
 
     if args.file:
-        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
-        items = data if isinstance(data, list) else [data]
-        requests = [EditRequest.from_dict(d) for d in items]
+        requests = _read_requests(Path(args.file))
     else:
         if not args.prompt or not args.target:
             _out("memedit edit: give --prompt and --target (or --file)")

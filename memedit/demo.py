@@ -51,8 +51,10 @@ def run_demo(*, model: str | None = None, memory: str | None = None, write: Writ
     t0 = time.perf_counter()
     write("loading the model, the edit memory and the scope classifier …")
     em = EditableModel.load(model, memory=mem_dir)
-    write(f"ready in {time.perf_counter() - t0:.1f} s: model {em.model_name}, "
-          f"{len(em.memory)} edit(s) in memory\n")
+    write(
+        f"ready in {time.perf_counter() - t0:.1f} s: model {em.model_name}, "
+        f"{len(em.memory)} edit(s) in memory\n"
+    )
 
     def ask(q: str) -> Answer:
         return em.generate(q, max_new_tokens=16)
@@ -81,22 +83,36 @@ def run_demo(*, model: str | None = None, memory: str | None = None, write: Writ
             break
     after_unrelated = ask(unrelated)
     same = _first_line(after_unrelated.text) == _first_line(before_unrelated.text)
-    write(f"  unrelated, same subject: {unrelated}  →  {_short(after_unrelated)}  "
-          f"({'unchanged' if same else 'CHANGED'})")
+    write(
+        f"  unrelated, same subject: {unrelated}  →  {_short(after_unrelated)}  "
+        f"({'unchanged' if same else 'CHANGED'})"
+    )
 
     victim = records[-1]
     write(f"\n== rolling back #{victim.id} ==")
     em.rollback(victim.id)
     back = ask(victim.request.prompt)
     restored = _first_line(back.text) == _first_line(before[victim.request.prompt].text)
-    write(f"  {victim.request.prompt}  →  {_short(back)}  "
-          f"({'original answer restored' if restored else 'differs from the original'})")
+    write(
+        f"  {victim.request.prompt}  →  {_short(back)}  "
+        f"({'original answer restored' if restored else 'differs from the original'})"
+    )
     em.close()
 
     write("\n== a new process reopens the memory ==")
     question = requests[0].prompt
-    cmd = [sys.executable, "-m", "memedit.cli", "ask", "--raw", "--max-new-tokens", "16",
-           "--memory", str(mem_dir), question]
+    cmd = [
+        sys.executable,
+        "-m",
+        "memedit.cli",
+        "ask",
+        "--raw",
+        "--max-new-tokens",
+        "16",
+        "--memory",
+        str(mem_dir),
+        question,
+    ]
     if model:
         cmd += ["--model", model]
     env = dict(os.environ)

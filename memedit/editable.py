@@ -160,8 +160,9 @@ class EditableModel:
         except BaseException:
             mem.close()
             raise
-        return cls(lm, tok, memory=mem, scope=scope, counterfactual=cf, config=config,
-                   model_name=name)
+        return cls(
+            lm, tok, memory=mem, scope=scope, counterfactual=cf, config=config, model_name=name
+        )
 
     @classmethod
     def wrap_chat(
@@ -192,8 +193,10 @@ class EditableModel:
         return ("memory",)
 
     def edit(
-        self, requests: EditRequest | Mapping[str, Any] | Sequence[EditRequest | Mapping[str, Any]],
-        *, strategy: str = "memory",
+        self,
+        requests: EditRequest | Mapping[str, Any] | Sequence[EditRequest | Mapping[str, Any]],
+        *,
+        strategy: str = "memory",
     ) -> list[EditRecord]:
         """Apply edits; all land (log + index) or none do. Returns one record per request."""
         if strategy not in STRATEGIES:
@@ -334,8 +337,10 @@ class EditableModel:
             ctx = self.activated(routed[idx[0]][1])
             with ctx:
                 vals = fn(
-                    self.model, self.tokenizer,
-                    [routed[i][0] for i in idx], [targets[i] for i in idx],
+                    self.model,
+                    self.tokenizer,
+                    [routed[i][0] for i in idx],
+                    [targets[i] for i in idx],
                 )
             for i, v in zip(idx, vals, strict=True):
                 results[i] = v
@@ -412,7 +417,11 @@ class EditableModel:
                 chat_fn, memory=path / "memory", url=url, config=config, progress=progress
             )
         return cls.load(
-            manifest["model"], memory=path / "memory", url=url, config=config, device=device,
+            manifest["model"],
+            memory=path / "memory",
+            url=url,
+            config=config,
+            device=device,
             progress=progress,
         )
 
@@ -463,8 +472,7 @@ def _with_fact_context(
     """For a black-box chat model: state the edited facts in a system message."""
     facts = "\n".join(f"- {e.fact}" for e in edits)
     system = (
-        "Answer using these facts, which are true and override anything you knew before:\n"
-        f"{facts}"
+        f"Answer using these facts, which are true and override anything you knew before:\n{facts}"
     )
     if messages and messages[0]["role"] == "system":
         merged = {"role": "system", "content": f"{messages[0]['content']}\n\n{system}"}

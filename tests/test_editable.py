@@ -63,8 +63,13 @@ def em(tmp_path: Path) -> Iterator[EditableModel]:
     model, tok = tiny_llama()
     mem = EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder())
     wrapped = EditableModel(
-        model, tok, memory=mem, scope=OverlapScope(), counterfactual=MarkerPath(),
-        config=RouterConfig(max_new_tokens=5), model_name="tiny",
+        model,
+        tok,
+        memory=mem,
+        scope=OverlapScope(),
+        counterfactual=MarkerPath(),
+        config=RouterConfig(max_new_tokens=5),
+        model_name="tiny",
     )
     yield wrapped
     wrapped.close()

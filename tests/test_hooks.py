@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from .tiny_models import tiny_model
 
 from memedit.errors import ModulePathError
 from memedit.hooks import edit_output, trace

@@ -36,8 +36,12 @@ def _wrap(parts: dict[str, Any], path: Path) -> EditableModel:
     from memedit.stores.memory import EditMemory
 
     return EditableModel(
-        parts["model"], parts["tok"], memory=EditMemory.open(path), scope=parts["scope"],
-        counterfactual=parts["cf"], model_name="smollm2-135m",
+        parts["model"],
+        parts["tok"],
+        memory=EditMemory.open(path),
+        scope=parts["scope"],
+        counterfactual=parts["cf"],
+        model_name="smollm2-135m",
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from .tiny_models import tiny_model
 
 import memedit.models.loading as loading
 from memedit.errors import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TYPES, tiny_model
+from .tiny_models import TYPES, tiny_model
 
 import memedit.spec as spec_mod
 from memedit.errors import ModulePathError, UnknownArchitectureError
