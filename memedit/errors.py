@@ -53,3 +53,12 @@ class ModulePathError(MemeditError, LookupError):
 
 class ModelFetchError(MemeditError, RuntimeError):
     """A catalogue model's files could not be found installed nor fetched from the package index."""
+
+
+class IndexFileError(IntegrityError):
+    """A saved vector index file is unreadable, truncated or fails its checksum."""
+
+
+class StoreSchemaError(MemeditError):
+    """An edit log's tables were written by an incompatible version of memedit (or are not
+    memedit's)."""
