@@ -38,6 +38,9 @@ unit: venv
 
 bench: venv
 	$(BIN)/python benchmarks/memory_ops.py
+	$(BIN)/python benchmarks/scope_classifier.py
+	$(BIN)/python benchmarks/counterfactual.py --limit 200
+	$(BIN)/python benchmarks/memory_strategy.py --dataset ZsRE --limit 200
 	$(BIN)/python benchmarks/routing.py
 
 clean:

@@ -211,6 +211,9 @@ class EditableModel:
             raise UnsupportedStrategyError(msg)
         reqs = _as_requests(requests)
         records = self.memory.add(reqs, strategy="memory", method="memory")
+        prepare = getattr(self.scope, "prepare", None)
+        if callable(prepare):  # precompute the edits' side of the scope features now
+            prepare(reqs)
         log.info("applied %d edit(s) through the memory strategy", len(records))
         return records
 
