@@ -10,6 +10,7 @@ or third in turn), as when the router passes several candidate edits.
 Prints a Markdown table (accuracy ×100). ``--misrouted`` measures instead what a scope
 classifier's false positive costs: each record's first locality prompt answered through the
 path with that record's edit in context, scored as KnowEdit Locality against the bare model.
+``--adapter-only`` skips the template-qa rows.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> None:
         action="store_true",
         help="instead: locality when a record's locality prompt is wrongly routed in scope",
     )
+    ap.add_argument(
+        "--adapter-only", action="store_true", help="skip the template-qa rows (faster)"
+    )
     args = ap.parse_args()
 
     from memedit.counterfactual import TemplatePath, find_adapter, load_adapter_path
@@ -52,7 +56,7 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     found = args.adapter or find_adapter(model)
-    paths: list[Any] = [TemplatePath()]
+    paths: list[Any] = [] if args.adapter_only and found else [TemplatePath()]
     if found:
         paths.append(load_adapter_path(found))
     print(f"model {args.model or 'smollm2-135m'}; adapter {found}")

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from .tiny_models import tiny_model
 
 from memedit.errors import ModulePathError
 from memedit.hooks import edit_output, trace
+
+from .tiny_models import tiny_model
 
 MLP = "model.layers.1.mlp"
 LAYER0 = "model.layers.0"

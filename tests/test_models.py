@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from .tiny_models import tiny_model
 
 import memedit.models.loading as loading
 from memedit.errors import (
@@ -32,6 +31,8 @@ from memedit.models import (
     model_dir,
     pull,
 )
+
+from .tiny_models import tiny_model
 
 # --- catalogue ---------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .tiny_models import TYPES, tiny_model
 
 import memedit.spec as spec_mod
 from memedit.errors import ModulePathError, UnknownArchitectureError
@@ -20,6 +19,8 @@ from memedit.spec import (
     resolve,
     weight_matrix,
 )
+
+from .tiny_models import TYPES, tiny_model
 
 
 @pytest.mark.parametrize("model_type", TYPES)

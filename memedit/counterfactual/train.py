@@ -4,10 +4,12 @@ Each training example is the `TemplatePath` text with one or more edits in conte
 
 * an in-scope example states the edit (plus 0–``max_distractors`` other edits, in random
   order) and asks its prompt or a paraphrase; the loss is on the new answer's tokens;
-* an unrelated example states edits and asks about something they do not answer (another
-  relation of the same subject, or an unrelated question); the labels are the base model's own
-  teacher-forced predictions on the bare question, so the adapter learns to leave answers the
-  facts do not cover as they were;
+* an unrelated example states edits (one of them, with share ``same_subject_share``, about
+  the same subject, plus 0–``max_distractors`` others) and asks about something they do not
+  answer (another relation of the same subject — the case a scope classifier's false positive
+  sends here — or an unrelated question); the labels are the base model's own teacher-forced
+  predictions on the bare question, so the adapter learns to leave answers the facts do not
+  cover as they were;
 * a share of in-scope examples use the chat transcript format instead of the raw one.
 
 Reproduce the shipped adapter with::
@@ -74,12 +76,13 @@ def _default_lora() -> LoraConfig:
 class TrainConfig:
     """Hyper-parameters of one training run (all recorded in the adapter's metadata)."""
 
-    steps: int = 40
+    steps: int = 80
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
     max_distractors: int = 2
-    unrelated_share: float = 0.25
+    unrelated_share: float = 0.5
+    same_subject_share: float = 0.9
     chat_share: float = 0.2
     rephrase_share: float = 0.5
     lora: LoraConfig = field(default_factory=_default_lora)
@@ -108,6 +111,8 @@ class TrainFact:
     rephrases: tuple[str, ...] = ()
     probes: tuple[tuple[str, str], ...] = ()
     source: str = ""
+    #: True when ``probes`` ask other relations of the edit's own subject (the hard case).
+    same_subject: bool = False
 
     def request(self) -> EditRequest:
         return EditRequest(prompt=self.prompt, target_new=self.target)
@@ -150,7 +155,7 @@ def _counterfact_fact(rec: dict[str, Any]) -> TrainFact | None:
         and isinstance(p.get("prompt"), str)
         and _first(p.get("ground_truth"))
     )
-    return TrainFact(prompt, target, rephrases, probes, "WikiData_counterfact")
+    return TrainFact(prompt, target, rephrases, probes, "WikiData_counterfact", True)
 
 
 def load_train_facts(root: str | Path | None = None) -> tuple[list[TrainFact], dict[str, str]]:
@@ -200,6 +205,7 @@ def build_examples(
     """``count`` training examples drawn with ``config.seed`` (deterministic)."""
     rng = random.Random(config.seed)
     with_probes = [f for f in facts if f.probes]
+    same_subject = [f for f in with_probes if f.same_subject]
     groups: dict[str, list[TrainFact]] = {}
     for f in facts:
         groups.setdefault(f.source, []).append(f)
@@ -211,10 +217,13 @@ def build_examples(
         fact = rng.choice(rng.choice(pools))  # each training file equally often
         others = [rng.choice(facts) for _ in range(rng.randint(0, config.max_distractors))]
         if with_probes and rng.random() < config.unrelated_share:
-            fact = rng.choice(with_probes)
-            owner = fact if rng.random() < 0.6 else rng.choice(with_probes)
+            if same_subject and rng.random() < config.same_subject_share:
+                fact = owner = rng.choice(same_subject)
+            else:
+                fact = rng.choice(with_probes)
+                owner = fact if rng.random() < 0.5 else rng.choice(with_probes)
             question, answer = rng.choice(owner.probes)
-            edits = [fact, *others[:1]]
+            edits = [fact, *others]
             rng.shuffle(edits)
             prompt = qa_prompt(question, [e.request() for e in edits])
             ex = _supervised(tokenizer, prompt, f" {answer}")
@@ -310,7 +319,7 @@ def train_adapter(
 
     cfg = (config or TrainConfig()).resolved(model)
     device = next(model.parameters()).device
-    examples = build_examples(facts, tokenizer, cfg, cfg.steps * cfg.batch_size + 32)
+    examples = build_examples(facts, tokenizer, cfg, cfg.steps * cfg.batch_size * 5 // 4 + 32)
     examples = _base_labels(model, tokenizer, examples)[: cfg.steps * cfg.batch_size]
     adapter = LowRankAdapter.for_model(model, cfg.lora, seed=cfg.seed)
     params = adapter.train_mode()
