@@ -11,11 +11,15 @@ predictions unchanged vs the unwrapped model), portability, and routing rates.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -35,7 +39,22 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     assert em.model is not None and em.tokenizer is not None
 
-    loc = [(p.prompt, p.answers[0]) for r in reqs for p in r.locality[:1] if p.answers]
+    # Every locality prompt (as EasyEdit scores them); `first` marks each record's first one,
+    # `same` those the authors annotated as asking the edited relation itself (ZsRE only).
+    same_rel: set[int] = set()
+    examined = 0
+    annotation = ROOT / "tests" / "data" / "zsre_dev_same_relation_locality.json"
+    if args.dataset == "ZsRE" and annotation.is_file():
+        note = json.loads(annotation.read_text())
+        same_rel, examined = set(note["indices"]), int(note["records_examined"])
+    loc, first, same, judged = [], [], [], []
+    for i, r in enumerate(reqs):
+        for j, p in enumerate(r.locality):
+            if p.answers:
+                loc.append((p.prompt, p.answers[0]))
+                first.append(j == 0)
+                same.append(j == 0 and i in same_rel)
+                judged.append(j == 0 and i < examined)
     port = [(p.prompt, p.answers[0]) for r in reqs for p in r.portability if p.answers]
     reph = [(r.rephrase[0], r.target_new) for r in reqs if r.rephrase]
     pre_loc = predicted_tokens(em.model, em.tokenizer, [p for p, _ in loc], [a for _, a in loc])
@@ -79,7 +98,15 @@ def main() -> None:
     print(f"Edit Succ. (edit prompt)   {pct(edit_acc)}")
     print(f"rephrase accuracy          {pct(reph_acc)}  (n={len(reph)})")
     print(f"Portability                {pct(port_acc)}  (n={len(port)})")
-    print(f"Locality (unchanged)       {pct(locality)}  (n={len(loc)})")
+    print(f"Locality, all prompts      {pct(locality)}  (n={len(loc)})")
+    loc_first = [v for v, f in zip(locality, first, strict=True) if f]
+    print(f"Locality, first prompts    {pct(loc_first)}  (n={len(loc_first)})")
+    if same_rel:
+        other = [v for v, ok, s in zip(locality, judged, same, strict=True) if ok and not s]
+        print(
+            f"Locality, first prompts asking another relation {pct(other)} (n={len(other)}; "
+            f"{sum(same)} annotated as the edited relation)"
+        )
     print(f"edit prompts routed in scope     {in_scope_edit}/{len(reqs)}")
     print(f"locality prompts routed in scope {in_scope_loc}/{len(loc)}")
     print(f"load {load_s:.1f} s; edit {edit_s:.2f} s for {len(reqs)} edits; eval {eval_s:.1f} s")
