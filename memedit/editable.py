@@ -236,7 +236,7 @@ class EditableModel:
         if not isinstance(query, str) or not query.strip():
             msg = f"query must be a non-empty string, got {query!r:.80}"
             raise InvalidRequestError(msg, field="query", value=query)
-        hits: list[Hit] = self.memory.search(query, k=self.config.k) if len(self.memory) else []
+        hits: list[Hit] = self._retrieve(query) if len(self.memory) else []
         if not hits:
             return ScopeDecision(query=query, in_scope=False, threshold=self.threshold)
         scores = [float(s) for s in self.scope.score(query, [h.record.request for h in hits])]
@@ -252,6 +252,21 @@ class EditableModel:
             scores=tuple(scores),
             used_edit_ids=used,
         )
+
+    def _retrieve(self, query: str) -> list[Hit]:
+        """Top-k edits for `query`. When the scope classifier encodes queries with the very
+        embedding model the memory uses, its vector is reused: one encoder pass per query."""
+        embed = getattr(self.scope, "sentence_embedding", None)
+        if callable(embed) and getattr(self.scope, "embedder_name", None) == getattr(
+            self.memory.embedder, "name", None
+        ):
+            vector = embed(query)
+            if vector is not None:
+                import numpy as np
+
+                batch = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+                return self.memory.search_vectors(batch, self.config.k)[0]
+        return self.memory.search(query, k=self.config.k)
 
     def _used_requests(self, decision: ScopeDecision) -> list[EditRequest]:
         by_id = {h.record.id: h.record.request for h in decision.candidates}

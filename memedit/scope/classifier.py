@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from memedit.scope.base import check_candidates, check_query, subject_of
-from memedit.scope.encoder import TokenEncoder, base_encoder_fingerprint
+from memedit.scope.encoder import BASE_ENCODER, TokenEncoder, base_encoder_fingerprint
 from memedit.scope.features import EditSide, edit_side, n_features, pair_features
 from memedit.scope.head import ScopeHead, ScopeHeadError
 from memedit.types import EditRequest
@@ -67,6 +67,21 @@ class MiniLMScopeClassifier:
             while len(self._edits) > self.edit_cache_size:
                 self._edits.popitem(last=False)
         return [found[k] for k in keys]
+
+    @property
+    def embedder_name(self) -> str:
+        """Identity of `sentence_embedding`, in the form an edit memory's embedder names itself
+        (the memory may then search with this vector instead of encoding the query again)."""
+        return f"{BASE_ENCODER}/mean-pool/l2/max_tokens=256/dim={self.encoder.dim}"
+
+    def sentence_embedding(self, text: str) -> np.ndarray | None:
+        """The L2-normalised mean-pooled MiniLM vector of `text` (the one sentence-transformers
+        gives), from the same cached forward pass that scoring uses; None when the text is too
+        long for this encoder's window, where the two would differ."""
+        enc = self.encoder.encode([check_query(text)])[0]
+        if enc.tokens.shape[0] + 2 >= self.encoder.max_length:
+            return None
+        return enc.sentence
 
     def prepare(self, requests: Sequence[EditRequest]) -> None:
         """Compute and cache the edit side of `requests` now (e.g. when they are added), so
