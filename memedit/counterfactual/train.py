@@ -76,15 +76,15 @@ def _default_lora() -> LoraConfig:
 class TrainConfig:
     """Hyper-parameters of one training run (all recorded in the adapter's metadata)."""
 
-    steps: int = 80
+    steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
     max_distractors: int = 2
-    unrelated_share: float = 0.5
+    unrelated_share: float = 0.4
     same_subject_share: float = 0.9
     chat_share: float = 0.2
-    rephrase_share: float = 0.5
+    rephrase_share: float = 0.7
     lora: LoraConfig = field(default_factory=_default_lora)
 
     def to_dict(self) -> dict[str, Any]:
