@@ -1,4 +1,4 @@
-"""Edit-memory operations: embedding, adding and retrieving edits (BENCHMARKS-stores.md).
+"""Edit-memory operations: embedding, adding and retrieving edits (BENCHMARKS.md).
 
     python benchmarks/memory_ops.py                  # every section, each in a fresh process
     python benchmarks/memory_ops.py --section ivf    # one section: embed add flat ivf real

@@ -45,7 +45,7 @@ _HEAD = struct.Struct("<II")  # format, header length
 class IndexConfig:
     """When the index switches from exact to approximate search, and how approximate.
 
-    The defaults come from ``benchmarks/memory_ops.py`` on a 2-core CPU (BENCHMARKS-stores.md):
+    The defaults come from ``benchmarks/memory_ops.py`` on a 2-core CPU (BENCHMARKS.md):
     an exact search over 384-d vectors costs ~1.3 ms per query at 10^4 and grows linearly past
     the 2 ms budget beyond ~2·10^4, while IVF with ``nlist`` = √n and ``nprobe`` 16 keeps the
     median at ~1.4 ms at 10^6 with recall@10 ≈ 0.97 (nprobe 24: 0.985 at ~2.2 ms).
