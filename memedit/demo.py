@@ -34,8 +34,9 @@ def _first_line(text: str) -> str:
 def _short(answer: Answer) -> str:
     d = answer.decision
     tag = f"in scope, edit #{d.used_edit_ids[0]}" if d.in_scope else "out of scope"
-    best = max(d.scores) if d.scores else 0.0
-    return f"{_first_line(answer.text)!r}   [{tag}; top scope score {best:.2f}]"
+    if not d.scores:
+        return f"{_first_line(answer.text)!r}   [{tag}; no edit retrieved]"
+    return f"{_first_line(answer.text)!r}   [{tag}; top scope score {max(d.scores):.2f}]"
 
 
 def run_demo(*, model: str | None = None, memory: str | None = None, write: Write) -> int:

@@ -299,6 +299,8 @@ class EditableModel:
         text, decision = self.model_input(prompt)
         with self.activated(decision):
             out = greedy_generate(self.model, self.tokenizer, text, max_new_tokens=n)
+        if decision.in_scope and getattr(self.counterfactual, "single_line_answers", False):
+            out = _first_line_of(out)
         return Answer(text=out, decision=decision, prompt=text)
 
     def chat(
@@ -482,6 +484,14 @@ def _export_memory(memory: EditMemory, dest: Path) -> str | None:
     if memory.index_path is not None and memory.index_path.is_file():
         shutil.copy2(memory.index_path, dest / INDEX_FILE)
     return None
+
+
+def _first_line_of(text: str) -> str:
+    """The answer in a Q/A frame: the continuation up to its first line break (leading
+    whitespace kept, so it reads like the unwrapped model's continuation)."""
+    body = text.lstrip()
+    lead = text[: len(text) - len(body)].replace("\n", "")
+    return lead + body.split("\n", 1)[0]
 
 
 def _with_fact_context(

@@ -71,7 +71,7 @@ def test_edit_flips_answer_rephrase_follows_unrelated_stays_rollback_restores(
     [rec] = em.edit(req)
     after = em.generate(req.prompt, max_new_tokens=8)
     assert after.decision.in_scope and after.decision.used_edit_ids == (rec.id,)
-    assert "Syria" in _first_line(after.text)
+    assert "Syria" in after.text and "\n" not in after.text
     rephrased = em.generate(req.rephrase[0], max_new_tokens=8)
     assert rephrased.decision.in_scope
     assert "Syria" in _first_line(rephrased.text)

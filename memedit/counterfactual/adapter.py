@@ -93,6 +93,9 @@ def metadata_matches(model: nn.Module, meta: Mapping[str, Any]) -> bool:
 class AdapterPath:
     """The edits in context (the `TemplatePath` text) with a trained low-rank adapter active."""
 
+    #: The answer is one line of the Q/A frame; the wrapper cuts generation there.
+    single_line_answers = True
+
     def __init__(self, adapter: LowRankAdapter, *, name: str = "adapter-qa") -> None:
         self.adapter = adapter
         self.name = name

@@ -96,6 +96,9 @@ def chat_messages(
 class TemplatePath:
     """The edits in context only (IKE-style, no training): usable with any model."""
 
+    #: The answer is one line of the Q/A frame; the wrapper cuts generation there.
+    single_line_answers = True
+
     name = "template-qa"
 
     def build_input(
