@@ -153,3 +153,21 @@ def test_memory_strategy_locality_on_other_relations(zsre_run: dict[str, Any]) -
 )
 def test_memory_strategy_locality_floor_all_prompts(zsre_run: dict[str, Any]) -> None:
     assert statistics.fmean(zsre_run["locality"]) >= 0.95
+
+
+def test_save_pretrained_then_from_pretrained_keeps_the_edits(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    """A bundle reloads the catalogue model by name, the scope head and the adapter, and
+    answers with the saved edits; a rolled-back edit stays rolled back."""
+    reqs = load_requests("WikiData_counterfact", limit=2)
+    kept, dropped = em.edit(reqs)
+    em.rollback(dropped.id)
+    bundle = em.save_pretrained(tmp_path / "bundle")
+    with EditableModel.from_pretrained(bundle, progress=False) as again:
+        assert [r.id for r in again.edits()] == [kept.id]
+        assert [r.id for r in again.edits(include_rolled_back=True)] == [kept.id, dropped.id]
+        answer = again.generate(kept.request.prompt, max_new_tokens=8)
+        assert answer.decision.used_edit_ids == (kept.id,)
+        assert kept.request.target_new in answer.text
+        assert not again.route(dropped.request.prompt).in_scope
