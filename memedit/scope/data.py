@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memedit.scope.features import content_words
+
 #: Train file of each fact dataset, relative to ``<knowedit>/train/``.
 TRAIN_FILES = {
     "ZsRE": "ZsRE/zsre_mend_eval_portability_gpt4.not_in_test.json",
@@ -203,6 +205,13 @@ def build_pairs(records: Mapping[str, list[TrainRecord]], *, seed: int = 0) -> l
     for r in everything:
         if r.subject:
             by_relation[relation_key(r.prompt, r.subject)].append(r)
+    templates = sorted(
+        {
+            relation_key(r.prompt, r.subject)
+            for r in everything
+            if r.dataset.startswith("WikiData") and r.subject and r.prompt.count(r.subject) == 1
+        }
+    )
     pairs: list[Pair] = []
 
     def add(query: str, edit: TrainRecord | str, label: int, kind: str, rec: TrainRecord) -> None:
@@ -248,4 +257,21 @@ def build_pairs(records: Mapping[str, list[TrainRecord]], *, seed: int = 0) -> l
         other = rng.choice(everything)
         if other.subject != rec.subject or not rec.subject:
             add(other.prompt, rec.prompt, 0, "random", rec)
+        if rec.dataset == "ZsRE" and rec.subject and templates:
+            # ZsRE's train file has no same-subject locality prompts, but its dev file's are
+            # Wikidata-style clozes about the edited subject: borrow WikiData relation
+            # templates, keeping only those that share no content word with the question
+            # (a template naming the asked relation would be a positive, not a negative).
+            asked = content_words(rec.prompt.replace(rec.subject, " "))
+            picked = 0
+            for template in rng.sample(templates, k=min(24, len(templates))):
+                if content_words(template.replace("{S}", " ")) & asked:
+                    continue
+                query = template.replace("{S}", rec.subject)
+                add(query, rec.prompt, 0, "zsre_other", rec)
+                for reph in rec.rephrase[:1]:
+                    add(query, reph, 0, "zsre_other", rec)
+                picked += 1
+                if picked == 8:
+                    break
     return pairs
