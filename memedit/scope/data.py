@@ -5,7 +5,9 @@ paraphrases of WikiData-style prompts ("The place of death of X is" → "X's pla
 is", "What is the place of death of X?", "X place of death" …). Negatives: the record's own
 locality prompts (same subject, another relation — and "Forgetfulness" prompts, the same
 relation with an extra "which is not …" clause), prompts of the same relation about another
-subject, and random other prompts. Each pair carries its record as ``group`` so held-out
+subject, random other prompts, and — for ZsRE's question-form edits, whose train file has no
+same-subject locality prompts — WikiData relation clozes filled with the ZsRE subject that share
+no content word with the question. Each pair carries its record as ``group`` so held-out
 calibration splits by record, never by pair.
 """
 
