@@ -266,7 +266,7 @@ def build_pairs(records: Mapping[str, list[TrainRecord]], *, seed: int = 0) -> l
             # (a template naming the asked relation would be a positive, not a negative).
             asked = content_words(rec.prompt.replace(rec.subject, " "))
             picked = 0
-            for template in rng.sample(templates, k=min(24, len(templates))):
+            for template in rng.sample(templates, k=min(48, len(templates))):
                 if content_words(template.replace("{S}", " ")) & asked:
                     continue
                 query = template.replace("{S}", rec.subject)
@@ -274,6 +274,6 @@ def build_pairs(records: Mapping[str, list[TrainRecord]], *, seed: int = 0) -> l
                 for reph in rec.rephrase[:1]:
                     add(query, reph, 0, "zsre_other", rec)
                 picked += 1
-                if picked == 8:
+                if picked == 16:
                     break
     return pairs
