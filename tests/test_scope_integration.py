@@ -23,7 +23,7 @@ RECALL_FLOOR = 0.95
 FPR_FLOOR = 0.05
 
 ZSRE_FPR_REASON = (
-    "ZsRE dev locality FPR measured 0.162 (whole file) vs floor 0.05: at least 6.9% of ZsRE's "
+    "ZsRE dev locality FPR measured 0.138 (whole file) vs floor 0.05: at least 6.9% of ZsRE's "
     "'Relation_Specificity' prompts ask the edit's own relation ('The father of X is' for the "
     "edit 'Who was X's father?'), and MiniLM pair features do not separate the rest well enough"
 )
