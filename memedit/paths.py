@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -32,3 +33,12 @@ def knowedit_dir() -> Path:
     tried = ", ".join(str(c) for c in candidates)
     msg = f"KnowEdit data not found (tried {tried}); set MEMEDIT_KNOWEDIT_DIR to its directory"
     raise FileNotFoundError(msg)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

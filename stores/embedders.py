@@ -235,15 +235,7 @@ class MiniLMEmbedder:
         self._tokenizer = tok
 
     def _onnx_batch(self, texts: list[str]) -> NDArray[np.float32]:
-        encs = self._tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encs)
-        ids = np.zeros((len(encs), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, e in enumerate(encs):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        out: NDArray[np.float32] = self._session.run(None, feeds)[0]
+        out: NDArray[np.float32] = self._session.run(None, _onnx_feeds(self._tokenizer, texts))[0]
         return out
 
     def encode(self, texts: Sequence[str]) -> NDArray[np.float32]:
@@ -276,6 +268,18 @@ def _export_key(model_path: Path) -> str:
     st = weights.stat()
     ident = f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}|torch={torch.__version__}|v1"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _onnx_feeds(tokenizer: Any, texts: list[str]) -> dict[str, NDArray[np.int64]]:
+    """Right-padded BERT inputs for the exported MiniLM graph (pooling is inside it)."""
+    encs = tokenizer.encode_batch(texts)
+    width = max(len(e.ids) for e in encs)
+    ids = np.zeros((len(encs), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, e in enumerate(encs):
+        ids[row, : len(e.ids)] = e.ids
+        mask[row, : len(e.ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
 def ensure_onnx_export(model_path: Path) -> Path:
@@ -374,16 +378,7 @@ def _verify_export(model_path: Path, onnx_file: Path) -> None:
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
     tok.no_padding()
-    encs = tok.encode_batch(list(_CHECK_TEXTS))
-    width = max(len(e.ids) for e in encs)
-    ids = np.zeros((len(encs), width), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, e in enumerate(encs):
-        ids[row, : len(e.ids)] = e.ids
-        mask[row, : len(e.ids)] = 1
-    got = sess.run(
-        None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    )[0]
+    got = sess.run(None, _onnx_feeds(tok, list(_CHECK_TEXTS)))[0]
     cos = (got * ref).sum(axis=1)
     if float(cos.min()) < ONNX_MIN_COSINE:
         msg = (

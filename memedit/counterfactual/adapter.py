@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from importlib import resources
 from pathlib import Path
@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 from memedit.counterfactual.base import CounterfactualPath, TemplatePath
 from memedit.counterfactual.lora import LoraConfig, LowRankAdapter, target_modules
 from memedit.errors import IntegrityError, ModulePathError
-from memedit.paths import cache_dir
+from memedit.paths import cache_dir, file_sha256
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from memedit.types import EditRequest
 
 __all__ = [
     "PROMPT_FORMAT",
@@ -90,29 +89,12 @@ def metadata_matches(model: nn.Module, meta: Mapping[str, Any]) -> bool:
         return False
 
 
-class AdapterPath:
+class AdapterPath(TemplatePath):
     """The edits in context (the `TemplatePath` text) with a trained low-rank adapter active."""
-
-    #: The answer is one line of the Q/A frame; the wrapper cuts generation there.
-    single_line_answers = True
 
     def __init__(self, adapter: LowRankAdapter, *, name: str = "adapter-qa") -> None:
         self.adapter = adapter
         self.name = name
-        self._template = TemplatePath()
-
-    def build_input(
-        self, query: str, edits: Sequence[EditRequest], tokenizer: PreTrainedTokenizerBase
-    ) -> str:
-        return self._template.build_input(query, edits, tokenizer)
-
-    def build_chat_input(
-        self,
-        messages: Sequence[Mapping[str, str]],
-        edits: Sequence[EditRequest],
-        tokenizer: PreTrainedTokenizerBase,
-    ) -> str:
-        return self._template.build_chat_input(messages, edits, tokenizer)
 
     def activate(self, model: Any) -> AbstractContextManager[Any]:
         return self.adapter.active(model)
@@ -121,21 +103,13 @@ class AdapterPath:
         return f"AdapterPath(name={self.name!r}, modules={len(self.adapter.names)})"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_adapter_path(meta_path: str | Path) -> AdapterPath:
     """Load the adapter described by a metadata JSON file (weights file beside it, its
     sha256 checked)."""
     meta_file = Path(meta_path)
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     weights = meta_file.with_name(str(meta["weights_file"]))
-    digest = _sha256_file(weights)
+    digest = file_sha256(weights)
     if digest != meta["weights_sha256"]:
         msg = f"{weights} has sha256 {digest}; its metadata {meta_file} expects "
         msg += str(meta["weights_sha256"])

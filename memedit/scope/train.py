@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from memedit.paths import file_sha256
 from memedit.scope.classifier import DEFAULT_HEAD
 from memedit.scope.data import TRAIN_FILES, Pair, build_pairs, load_train_records
 from memedit.scope.encoder import (
@@ -29,7 +30,6 @@ from memedit.scope.encoder import (
     BASE_PACKAGE,
     TokenEncoder,
     base_encoder_fingerprint,
-    file_sha256,
 )
 from memedit.scope.features import SCALAR_FEATURES, EditSide, edit_side, pair_features
 from memedit.scope.head import ScopeHead
