@@ -240,6 +240,13 @@ class EditableModel:
         if not hits:
             return ScopeDecision(query=query, in_scope=False, threshold=self.threshold)
         scores = [float(s) for s in self.scope.score(query, [h.record.request for h in hits])]
+        # a query that repeats an edit's own prompt is in its scope whatever the classifier
+        # says (rephrasings stored with a request are evaluation probes, not used here)
+        asked = _normalised(query)
+        scores = [
+            1.0 if asked == _normalised(h.record.request.prompt) else s
+            for h, s in zip(hits, scores, strict=True)
+        ]
         ranked = sorted(
             (i for i, s in enumerate(scores) if s >= self.threshold), key=lambda i: -scores[i]
         )
@@ -290,18 +297,61 @@ class EditableModel:
         return nullcontext()
 
     # ------------------------------------------------------------------ answering
-    def generate(self, prompt: str, *, max_new_tokens: int | None = None) -> Answer:
-        """Complete `prompt` (raw text, no chat template) with the edits applied."""
+    def generate(
+        self, prompt: str, *, max_new_tokens: int | None = None, top_k: int | None = None
+    ) -> Answer:
+        """Complete `prompt` (raw text, no chat template) with the edits applied: greedy, or
+        top-k sampling when ``top_k`` is given (local models only)."""
         n = max_new_tokens or self.config.max_new_tokens
         if self.model is None:
             return self.chat([{"role": "user", "content": prompt}], max_new_tokens=n)
         assert self.tokenizer is not None
         text, decision = self.model_input(prompt)
         with self.activated(decision):
-            out = greedy_generate(self.model, self.tokenizer, text, max_new_tokens=n)
-        if decision.in_scope and getattr(self.counterfactual, "single_line_answers", False):
+            cut = decision.in_scope and getattr(self.counterfactual, "single_line_answers", False)
+            out = greedy_generate(
+                self.model, self.tokenizer, text, max_new_tokens=n, top_k=top_k, first_line=cut
+            )
+        if cut:
             out = _first_line_of(out)
         return Answer(text=out, decision=decision, prompt=text)
+
+    def generate_batch(
+        self, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int] | None = None
+    ) -> list[Answer]:
+        """`generate` for many prompts at once (greedy): each is routed on its own, then the
+        out-of-scope and the in-scope ones run as left-padded batches. ``max_new_tokens`` may
+        be one value or one per prompt."""
+        from memedit.generation import batch_generate
+
+        self._need_local("batched generation")
+        assert self.model is not None and self.tokenizer is not None
+        n = max_new_tokens or self.config.max_new_tokens
+        budgets = [n] * len(prompts) if isinstance(n, int) else list(n)
+        if len(budgets) != len(prompts):
+            msg = f"{len(prompts)} prompts but {len(budgets)} max_new_tokens values"
+            raise InvalidRequestError(msg, field="max_new_tokens", value=len(budgets))
+        routed = [self.model_input(p) for p in prompts]
+        single = getattr(self.counterfactual, "single_line_answers", False)
+        texts: list[str] = [""] * len(prompts)
+        for in_scope in (False, True):
+            idx = [i for i, (_, d) in enumerate(routed) if d.in_scope == in_scope]
+            if not idx:
+                continue
+            with self.activated(routed[idx[0]][1]):
+                outs = batch_generate(
+                    self.model,
+                    self.tokenizer,
+                    [routed[i][0] for i in idx],
+                    max_new_tokens=[budgets[i] for i in idx],
+                    first_line=in_scope and single,
+                )
+            for i, o in zip(idx, outs, strict=True):
+                texts[i] = o
+        return [
+            Answer(text=_first_line_of(t) if d.in_scope and single else t, decision=d, prompt=inp)
+            for t, (inp, d) in zip(texts, routed, strict=True)
+        ]
 
     def chat(
         self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int | None = None
@@ -335,15 +385,19 @@ class EditableModel:
         """KnowEdit's teacher-forced token accuracy of each target after its routed prompt."""
         from memedit.metrics import teacher_forced_accuracy
 
-        return self._score_routed(prompts, targets, teacher_forced_accuracy)
+        return self.score_routed(prompts, targets, teacher_forced_accuracy)
 
     def predicted_tokens(self, prompts: Sequence[str], targets: Sequence[str]) -> list[list[int]]:
         """Teacher-forced argmax tokens at the target positions (for locality)."""
         from memedit.metrics import predicted_tokens
 
-        return self._score_routed(prompts, targets, predicted_tokens)
+        return self.score_routed(prompts, targets, predicted_tokens)
 
-    def _score_routed(self, prompts: Sequence[str], targets: Sequence[str], fn: Any) -> list[Any]:
+    def score_routed(self, prompts: Sequence[str], targets: Sequence[str], fn: Any) -> list[Any]:
+        """Apply a teacher-forced scorer ``fn(model, tokenizer, prompts, targets)`` (one of
+        `memedit.metrics`) to each pair as the wrapper would answer it: in-scope prompts
+        through the counterfactual path, the rest on the model as it is. One result per pair.
+        """
         self._need_local("teacher-forced scoring")
         if len(prompts) != len(targets):
             msg = f"{len(prompts)} prompts but {len(targets)} targets"
@@ -484,6 +538,10 @@ def _export_memory(memory: EditMemory, dest: Path) -> str | None:
     if memory.index_path is not None and memory.index_path.is_file():
         shutil.copy2(memory.index_path, dest / INDEX_FILE)
     return None
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).casefold()
 
 
 def _first_line_of(text: str) -> str:

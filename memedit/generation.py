@@ -62,6 +62,24 @@ def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str
     return "\n".join([*lines, "Assistant:"])
 
 
+def first_line_stop(tokenizer: PreTrainedTokenizerBase, prompt_width: int) -> Any:
+    """A transformers stopping criterion that ends each row once its new text holds a line
+    break after some non-blank text (the answer's first line is complete): callers that keep
+    only the first line of an answer need not generate the rest."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class _FirstLine(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = []
+            for row in input_ids[:, prompt_width:].tolist():
+                text = str(tokenizer.decode(row, skip_special_tokens=True)).lstrip()
+                done.append("\n" in text)
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return _FirstLine()
+
+
 def greedy_generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -69,8 +87,12 @@ def greedy_generate(
     *,
     max_new_tokens: int = 32,
     add_special_tokens: bool = True,
+    top_k: int | None = None,
+    first_line: bool = False,
 ) -> str:
-    """Greedy continuation of `text` (only the new tokens, decoded)."""
+    """Greedy continuation of `text` (only the new tokens, decoded). ``top_k`` samples from
+    the k most likely tokens instead (seed torch first for a reproducible draw); EasyEdit's
+    Fluency generates with ``top_k=5``."""
     import torch
 
     if max_new_tokens < 1:
@@ -79,12 +101,76 @@ def greedy_generate(
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
     enc = {k: v.to(model_device(model)) for k, v in enc.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        msg = f"top_k must be a positive integer or None, got {top_k!r}"
+        raise InvalidRequestError(msg, field="top_k", value=top_k)
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
-        "do_sample": False,
+        "do_sample": top_k is not None,
         "pad_token_id": pad,
     }
+    if top_k is not None:
+        kwargs.update(top_k=top_k, top_p=1.0, temperature=1.0)
+    if first_line:  # the caller keeps only the first line: stop once it is complete
+        kwargs["stopping_criteria"] = [first_line_stop(tokenizer, enc["input_ids"].shape[1])]
     with torch.inference_mode():
         out = model.generate(**enc, **kwargs)  # type: ignore[operator]
     new = out[0, enc["input_ids"].shape[1] :]
     return str(tokenizer.decode(new, skip_special_tokens=True))
+
+
+def batch_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int | Sequence[int] = 32,
+    add_special_tokens: bool = True,
+    batch_size: int = 16,
+    first_line: bool = False,
+) -> list[str]:
+    """Greedy continuations of several texts, left-padded into batches (only the new tokens,
+    decoded). ``max_new_tokens`` may differ per text: each batch runs to its longest budget
+    and every text keeps its own first tokens (greedy decoding is causal, so they are the same
+    as a run stopped at that budget). ``first_line``: a row stops once its first line is
+    complete (for callers that keep only that line). Padding can move a float by an ulp, so a
+    rare near-tie may resolve differently from :func:`greedy_generate` on the text alone."""
+    import torch
+
+    budgets = (
+        [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    )
+    if len(budgets) != len(texts) or any(not isinstance(b, int) or b < 1 for b in budgets):
+        msg = f"max_new_tokens must be a positive integer or one per text, got {max_new_tokens!r}"
+        raise InvalidRequestError(msg, field="max_new_tokens", value=max_new_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    out: list[str] = [""] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        rows = [tokenizer(texts[i], add_special_tokens=add_special_tokens)["input_ids"]
+                for i in idx]  # fmt: skip
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            if r:
+                ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[j, width - len(r) :] = 1
+        device = model_device(model)
+        with torch.inference_mode():
+            gen = model.generate(  # type: ignore[operator]
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(budgets[i] for i in idx),
+                do_sample=False,
+                pad_token_id=pad,
+                stopping_criteria=[first_line_stop(tokenizer, width)] if first_line else None,
+            )
+        for j, i in enumerate(idx):
+            new = gen[j, width : width + budgets[i]].tolist()
+            if eos is not None and eos in new:  # stop where this text's generation ended
+                new = new[: new.index(eos)]
+            out[i] = str(tokenizer.decode(new, skip_special_tokens=True))
+    return out

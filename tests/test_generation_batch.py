@@ -1,0 +1,79 @@
+"""Batched generation gives what one-at-a-time greedy generation gives; first-line stopping;
+exact repeats of an edit's prompt are always routed in scope."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from memedit import EditRequest
+from memedit.editable import EditableModel, RouterConfig
+from memedit.generation import batch_generate, greedy_generate
+from memedit.stores.embedders import HashingEmbedder
+from memedit.stores.memory import EditMemory
+
+from .test_editable import MarkerPath
+from .tiny import tiny_llama
+
+PROMPTS = [
+    "The place of death of Leo Arons is",
+    "Q: What is the name of the spouse of a person? A:",
+    "The sky is",
+    "Where did Leo Arons die? The capital of France is Paris and the",
+]
+
+
+def test_batched_generation_matches_one_at_a_time() -> None:
+    model, tok = tiny_llama()
+    budgets = [3, 7, 1, 5]
+    one = [
+        greedy_generate(model, tok, p, max_new_tokens=b)
+        for p, b in zip(PROMPTS, budgets, strict=True)
+    ]
+    many = batch_generate(model, tok, PROMPTS, max_new_tokens=budgets, batch_size=3)
+    assert many == one
+    assert batch_generate(model, tok, PROMPTS[:1], max_new_tokens=7) == [
+        greedy_generate(model, tok, PROMPTS[0], max_new_tokens=7)
+    ]
+
+
+def test_first_line_stops_after_a_line_break() -> None:
+    model, tok = tiny_llama()
+    full = batch_generate(model, tok, PROMPTS, max_new_tokens=12)
+    cut = batch_generate(model, tok, PROMPTS, max_new_tokens=12, first_line=True)
+    for f, c in zip(full, cut, strict=True):
+        assert f.startswith(c)  # the same greedy tokens, possibly fewer of them
+        body = c.lstrip()
+        if "\n" in body:  # stopped within a token of the first line break
+            assert body.split("\n", 1)[0] == f.lstrip().split("\n", 1)[0]
+
+
+class NeverScope:
+    name = "never"
+    threshold = 0.5
+
+    def score(self, query: str, candidates: Sequence[EditRequest]) -> list[float]:
+        return [0.0] * len(candidates)
+
+    def score_batch(self, pairs: Sequence[tuple[str, EditRequest]]) -> list[float]:
+        return [0.0] * len(pairs)
+
+
+def test_an_edit_prompt_asked_verbatim_is_always_in_scope(tmp_path: Path) -> None:
+    model, tok = tiny_llama()
+    mem = EditMemory.open(tmp_path / "m", embedder=HashingEmbedder())
+    with EditableModel(
+        model, tok, memory=mem, scope=NeverScope(), counterfactual=MarkerPath(),
+        config=RouterConfig(max_new_tokens=3), model_name="tiny",
+    ) as em:  # fmt: skip
+        req = EditRequest(
+            prompt="The place of death of Leo Arons is",
+            target_new="Paris",
+            rephrase=("Where did Leo Arons die?",),
+        )
+        em.edit(req)
+        assert em.route("the place of death of  Leo Arons is").in_scope
+        assert not em.route("Where did Leo Arons die?").in_scope  # rephrasings are not exempt
+        assert not em.route("The sky is").in_scope
+        answers = em.generate_batch([req.prompt, "The sky is"], max_new_tokens=[2, 2])
+        assert [a.decision.in_scope for a in answers] == [True, False]
