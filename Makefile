@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export MEMEDIT_TEST_PG_URL
 
-.PHONY: venv demo test lint typecheck unit bench clean
+.PHONY: venv demo test lint typecheck unit bench eval clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,18 @@ bench: venv
 	$(BIN)/python benchmarks/counterfactual.py --limit 200
 	$(BIN)/python benchmarks/memory_strategy.py --dataset ZsRE --limit 200
 	$(BIN)/python benchmarks/routing.py
+
+# RESULTS.md: every strategy on the six KnowEdit dev files (first EVAL_LIMIT records each) and a
+# sequential run on ZsRE. Interrupted runs resume where they stopped (finished records are kept).
+EVAL_LIMIT ?= 100
+EVAL_STRATEGIES ?= unedited,memory
+EVAL_DIR ?= docs/eval
+eval: venv
+	$(BIN)/memedit eval --dataset all --strategies $(EVAL_STRATEGIES) --limit $(EVAL_LIMIT) \
+		--out $(EVAL_DIR)/knowedit
+	$(BIN)/memedit eval --dataset ZsRE --strategies memory --limit 100 --sequential 100 \
+		--checkpoints 1,10,25,50,100 --out $(EVAL_DIR)/zsre-sequential
+	$(BIN)/memedit results $(EVAL_DIR)/knowedit $(EVAL_DIR)/zsre-sequential --write RESULTS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -131,6 +131,47 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from memedit.datasets import KNOWEDIT_DATASETS
+    from memedit.evaluation import EvalConfig, EvalOptions, run_eval, write_reports
+
+    datasets: list[str] = []
+    for item in args.dataset or ["ZsRE"]:
+        datasets += list(KNOWEDIT_DATASETS) if item == "all" else list(_csv(item))
+    config = EvalConfig(
+        datasets=tuple(dict.fromkeys(datasets)),
+        strategies=_csv(args.strategies),
+        model=args.model,
+        limit=args.limit,
+        sequential=args.sequential,
+        checkpoints=tuple(int(c) for c in _csv(args.checkpoints or "")),
+        out=args.out,
+        seed=args.seed,
+        workers=args.workers,
+        root=args.data_dir,
+        verify_revert=args.verify_revert,
+        options=EvalOptions(fluency_tokens=args.fluency_tokens, generation=not args.no_generation),
+    )
+    if not args.report_only:
+        run_eval(config, progress=not args.quiet)
+    paths = write_reports(config.out)
+    _out(paths["md"].read_text(encoding="utf-8"))
+    _out(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from memedit.evaluation import write_results
+
+    path = write_results(args.dirs, args.write)
+    _out(f"written: {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memedit.demo import run_demo
 
@@ -187,6 +228,52 @@ def build_parser() -> argparse.ArgumentParser:
     memory_args(rb)
     rb.add_argument("edit_id", type=int)
     rb.set_defaults(fn=_cmd_rollback)
+
+    ev = sub.add_parser("eval", help="KnowEdit evaluation of editing strategies")
+    ev.add_argument("--model", default=None, help="catalogue name, directory or hub id")
+    ev.add_argument(
+        "--dataset",
+        action="append",
+        help="dataset name(s), comma-separated or repeated; 'all' = the six KnowEdit datasets "
+        "(also CounterFact, MQuAKE); default ZsRE",
+    )
+    ev.add_argument(
+        "--strategies",
+        default="memory",
+        help="comma-separated specs: unedited, memory, adapter:METHOD, weights:METHOD[@k=v;...]",
+    )
+    ev.add_argument("--limit", type=int, default=None, help="first N records of each dataset")
+    ev.add_argument(
+        "--sequential",
+        type=int,
+        default=None,
+        metavar="T",
+        help="let T edits accumulate and score all of them (lifelong mode)",
+    )
+    ev.add_argument("--checkpoints", default=None, help="T values of the sequential curve")
+    ev.add_argument("--out", default="eval-out", help="output directory (resumable)")
+    ev.add_argument("--workers", type=int, default=1, help="worker processes (a GPU each)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--data-dir",
+        default=None,
+        help="KnowEdit directory (ours or the full release); default ../shared/knowedit",
+    )
+    ev.add_argument("--fluency-tokens", type=int, default=100)
+    ev.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="teacher-forced metrics only (skip judging greedy generations)",
+    )
+    ev.add_argument("--verify-revert", default="sample", choices=["all", "sample", "none"])
+    ev.add_argument("--report-only", action="store_true", help="rewrite reports from --out")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(fn=_cmd_eval)
+
+    res = sub.add_parser("results", help="write RESULTS.md from evaluation directories")
+    res.add_argument("dirs", nargs="+")
+    res.add_argument("--write", default="RESULTS.md")
+    res.set_defaults(fn=_cmd_results)
     return p
 
 

@@ -1,0 +1,242 @@
+"""Turn an evaluation directory into tables and plots.
+
+`summarise` averages the per-record JSONL (all workers' files merged): a plain metric is the
+mean over records that have it; a grouped one (``portability/<kind>``) is averaged per kind
+over records and then over kinds, as EasyEdit's KnowEdit summary does. `write_reports` writes
+``summary.json``, ``summary.md`` and ``summary.csv`` (rows = metrics, columns = strategies, one
+block per dataset, as in the KnowEdit paper) and PNG plots: a grouped bar chart per dataset and,
+for sequential runs, the curve over T. Every output carries the run's manifest (model, dataset
+hashes, strategy configs, versions, seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from memedit.evaluation.runner import MANIFEST, _read_jsonl
+from memedit.evaluation.suites import Row, suite_for
+
+__all__ = ["aggregate", "load_records", "summarise", "write_reports"]
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    """Every record line under ``out/records`` (all datasets, strategies, modes, ranks)."""
+    lines: list[dict[str, Any]] = []
+    for path in sorted((out / "records").glob("*/*.jsonl")):
+        lines.extend(_read_jsonl(path))
+    return lines
+
+
+def _mean(xs: Iterable[float]) -> float:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def aggregate(metrics: Sequence[Mapping[str, float]], key: str) -> float:
+    """The dataset-level value of `key` over records' metric maps (see module docstring)."""
+    if any(key in m for m in metrics):
+        return _mean(m[key] for m in metrics if key in m)
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    prefix = key + "/"
+    for m in metrics:
+        for k, v in m.items():
+            if k.startswith(prefix):
+                by_kind[k[len(prefix) :]].append(v)
+    return _mean(_mean(v) for v in by_kind.values()) if by_kind else math.nan
+
+
+def summarise(lines: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{dataset: {"single": {strategy: {...}}, "sequential": {strategy: {T: {...}}}}}``, each
+    leaf holding the table rows (display scale), n, errors and records/s."""
+    groups: dict[tuple[str, str, str, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for line in lines:
+        key = (line["dataset"], line["mode"], line["strategy"], int(line.get("T", 0)))
+        groups[key].append(line)
+    out: dict[str, Any] = {}
+    for (dataset, mode, strategy, t), items in sorted(groups.items()):
+        ok = [i for i in items if "metrics" in i]
+        metrics = [i["metrics"] for i in ok]
+        rows = {}
+        for row in suite_for(dataset).rows:
+            v = aggregate(metrics, row.key)
+            rows[row.label] = None if math.isnan(v) else round(v * row.scale, 2)
+        seconds = sum(float(i.get("eval_s", 0)) + float(i.get("edit_s", 0)) for i in ok)
+        leaf = {
+            "rows": rows,
+            "n": len(ok),
+            "errors": len(items) - len(ok),
+            "records_per_s": round(len(ok) / seconds, 3) if seconds else None,
+        }
+        if mode == "sequential":
+            leaf["edit_s_total"] = max(float(i.get("edit_s_total", 0)) for i in ok) if ok else 0
+        slot = out.setdefault(dataset, {}).setdefault(mode, {}).setdefault(strategy, {})
+        if mode == "sequential":
+            slot[str(t)] = leaf
+        else:
+            slot.update(leaf)
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _rows(dataset: str) -> tuple[Row, ...]:
+    return suite_for(dataset).rows
+
+
+def _single_table(dataset: str, per_strategy: Mapping[str, Any]) -> list[list[str]]:
+    strategies = list(per_strategy)
+    table = [["Metric", *strategies]]
+    for row in _rows(dataset):
+        vals = [per_strategy[s]["rows"].get(row.label) for s in strategies]
+        if all(v is None for v in vals):
+            continue
+        label = row.label + (" (lower is better)" if row.lower_is_better else "")
+        table.append([label, *(_fmt(v) for v in vals)])
+    table.append(["n records", *(str(per_strategy[s]["n"]) for s in strategies)])
+    return table
+
+
+def _md(table: Sequence[Sequence[str]]) -> str:
+    head, *body = table
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
+    ds = ", ".join(f"{k} (sha256 {v['sha256'][:12]}…)" for k, v in manifest["datasets"].items())
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
+    strategies = json.dumps(manifest.get("strategies", {}), sort_keys=True)
+    return [
+        f"- model: {manifest['model']} (weights sha256 {manifest['model_digest'][:12]}…); "
+        f"scope: {manifest.get('scope')}; counterfactual: {manifest.get('counterfactual')}",
+        f"- datasets: {ds}",
+        f"- mode: {manifest['mode']}"
+        + (f", T = {manifest['sequential']}" if manifest.get("sequential") else "")
+        + f"; limit: {manifest.get('limit')}; seed: {manifest['seed']}",
+        f"- strategies: {strategies}",
+        f"- options: {json.dumps(manifest.get('options', {}), sort_keys=True)}",
+        f"- versions: {versions}",
+    ]
+
+
+def write_reports(out: str | Path) -> dict[str, Path]:
+    """Write summary.json/.md/.csv and plots into `out`; returns their paths by kind."""
+    root = Path(out)
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    summary = summarise(load_records(root))
+    paths = {"json": root / "summary.json", "md": root / "summary.md", "csv": root / "summary.csv"}
+    paths["json"].write_text(
+        json.dumps({"manifest": manifest, "summary": summary}, indent=2), encoding="utf-8"
+    )
+    md = ["# memedit evaluation", "", *_manifest_lines(manifest), ""]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    for line in _manifest_lines(manifest):
+        buf.write("# " + line[2:] + "\n")
+    writer.writerow(["dataset", "mode", "T", "metric", "strategy", "value", "n"])
+    for dataset, modes in summary.items():
+        if "single" in modes:
+            md += [f"## {dataset}", "", _md(_single_table(dataset, modes["single"])), ""]
+            for s, leaf in modes["single"].items():
+                for label, v in leaf["rows"].items():
+                    writer.writerow([dataset, "single", "", label, s, _fmt(v), leaf["n"]])
+        for s, by_t in modes.get("sequential", {}).items():
+            ts = sorted(by_t, key=int)
+            table = [["Metric", *(f"T={t}" for t in ts)]]
+            for row in _rows(dataset):
+                vals = [by_t[t]["rows"].get(row.label) for t in ts]
+                if any(v is not None for v in vals):
+                    table.append([row.label, *(_fmt(v) for v in vals)])
+            md += [f"## {dataset}, sequential, {s}", "", _md(table), ""]
+            for t in ts:
+                for label, v in by_t[t]["rows"].items():
+                    writer.writerow([dataset, "sequential", t, label, s, _fmt(v), by_t[t]["n"]])
+    paths["md"].write_text("\n".join(md), encoding="utf-8")
+    paths["csv"].write_text(buf.getvalue(), encoding="utf-8")
+    paths.update(_plots(root, summary, manifest))
+    return paths
+
+
+def _plots(root: Path, summary: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = {
+        "Title": "memedit evaluation",
+        "Description": json.dumps(
+            {
+                k: manifest.get(k)
+                for k in (
+                    "model",
+                    "model_digest",
+                    "datasets",
+                    "strategies",
+                    "seed",
+                    "versions",
+                    "mode",
+                )
+            }
+        ),
+    }
+    out: dict[str, Path] = {}
+    folder = root / "plots"
+    folder.mkdir(exist_ok=True)
+    for dataset, modes in summary.items():
+        if "single" in modes:
+            per = modes["single"]
+            rows = [r for r in _rows(dataset) if r.scale == 100.0 and not r.lower_is_better]
+            rows = [r for r in rows if any(per[s]["rows"].get(r.label) is not None for s in per)]
+            fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows)), 4))
+            width = 0.8 / max(1, len(per))
+            for j, s in enumerate(per):
+                vals = [per[s]["rows"].get(r.label) or 0.0 for r in rows]
+                ax.bar([i + j * width for i in range(len(rows))], vals, width, label=s)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+            ax.set_xticklabels([r.label for r in rows], rotation=25, ha="right", fontsize=8)
+            ax.set_ylim(0, 100)
+            ax.set_ylabel("%")
+            ax.set_title(f"{dataset} — {manifest['model']}, single editing")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = folder / f"{dataset}.png"
+            fig.savefig(path, dpi=110, metadata=meta)
+            plt.close(fig)
+            out[f"bar:{dataset}"] = path
+        if "sequential" in modes:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for s, by_t in modes["sequential"].items():
+                ts = sorted(by_t, key=int)
+                for label in ("Edit Succ.", "Generalization", "Locality"):
+                    ys = [by_t[t]["rows"].get(label) for t in ts]
+                    if any(y is not None for y in ys):
+                        ax.plot(
+                            [int(t) for t in ts],
+                            [y if y is not None else math.nan for y in ys],
+                            marker="o",
+                            label=f"{s}: {label}",
+                        )
+            ax.set_xscale("log")
+            ax.set_xlabel("T (edits applied)")
+            ax.set_ylabel("%")
+            ax.set_ylim(0, 100)
+            ax.set_title(f"{dataset} — {manifest['model']}, sequential editing")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = folder / f"{dataset}-sequential.png"
+            fig.savefig(path, dpi=110, metadata=meta)
+            plt.close(fig)
+            out[f"curve:{dataset}"] = path
+    return out

@@ -1,0 +1,486 @@
+"""The evaluation loop: pre-edit state once, then per strategy single or sequential editing.
+
+Single mode is the KnowEdit protocol: apply one case's edits, score, revert, next case; the
+revert is checked (weights digest bit for bit, and no edit left active). Sequential mode lets
+T cases accumulate and scores every case edited so far at each checkpoint (the lifelong curve).
+
+Everything is appended to JSONL as it finishes, so an interrupted run resumes where it stopped:
+finished records (single) and finished checkpoints (sequential) are not recomputed. Records can
+be split across worker processes with torch.multiprocessing (one model per process, a GPU each
+where present); every worker writes its own file and the report merges them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memedit.datasets import EvalCase, load_cases, resolve_dataset_file
+from memedit.errors import InvalidRequestError, MemeditError
+from memedit.evaluation.strategies import EvalStrategy, parse_strategy, weights_digest
+from memedit.evaluation.suites import EvalOptions, suite_for
+from memedit.paths import file_sha256
+
+if TYPE_CHECKING:
+    from memedit.editable import EditableModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "RevertError", "records_path", "run_eval", "safe_name"]
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+VERIFY_CHOICES = ("all", "sample", "none")
+
+
+class RevertError(MemeditError):
+    """A strategy's revert did not restore the model exactly."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run. ``sequential`` = T (None: single mode); ``checkpoints`` = the T's at
+    which the sequential curve is scored (default: a log-spaced set ending at T)."""
+
+    datasets: tuple[str, ...]
+    strategies: tuple[str, ...] = ("memory",)
+    model: str | None = None
+    limit: int | None = None
+    sequential: int | None = None
+    checkpoints: tuple[int, ...] = ()
+    out: str = "eval-out"
+    seed: int = 0
+    workers: int = 1
+    root: str | None = None
+    verify_revert: str = "sample"
+    options: EvalOptions = field(default_factory=EvalOptions)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            msg = "give at least one dataset"
+            raise InvalidRequestError(msg, field="datasets", value=self.datasets)
+        if not self.strategies:
+            msg = "give at least one strategy"
+            raise InvalidRequestError(msg, field="strategies", value=self.strategies)
+        for name, value in (("limit", self.limit), ("sequential", self.sequential)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise InvalidRequestError(msg, field=name, value=value)
+        if not isinstance(self.workers, int) or self.workers < 1:
+            msg = f"workers must be a positive integer, got {self.workers!r}"
+            raise InvalidRequestError(msg, field="workers", value=self.workers)
+        if self.sequential is not None and self.workers > 1:
+            msg = "sequential editing is one chain of edits; run it with workers=1"
+            raise InvalidRequestError(msg, field="workers", value=self.workers)
+        if self.verify_revert not in VERIFY_CHOICES:
+            msg = f"verify_revert must be one of {list(VERIFY_CHOICES)}, got {self.verify_revert!r}"
+            raise InvalidRequestError(msg, field="verify_revert", value=self.verify_revert)
+        bad = [c for c in self.checkpoints if c < 1 or (self.sequential and c > self.sequential)]
+        if bad:
+            msg = f"checkpoints must lie in 1..sequential ({self.sequential}), got {bad}"
+            raise InvalidRequestError(msg, field="checkpoints", value=list(self.checkpoints))
+        for spec in self.strategies:
+            parse_strategy(spec)
+
+    @property
+    def mode(self) -> str:
+        return "single" if self.sequential is None else "sequential"
+
+    def curve(self) -> list[int]:
+        """The checkpoints of the sequential curve (sorted, ending at T)."""
+        if self.sequential is None:
+            return []
+        t = self.sequential
+        points = set(self.checkpoints) if self.checkpoints else {1, 10, 50, 100, 200, 500, 1000}
+        return sorted({c for c in points if c <= t} | {t})
+
+
+def safe_name(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
+
+
+def records_path(out: Path, dataset: str, spec: str, mode: str, rank: int = 0) -> Path:
+    suffix = f".rank{rank}" if rank else ""
+    return out / "records" / dataset / f"{safe_name(spec)}.{mode}{suffix}.jsonl"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in (
+        "memedit",
+        "torch",
+        "transformers",
+        "faiss-cpu",
+        "onnxruntime",
+        "sentence-transformers",
+        "numpy",
+    ):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Lines of a JSONL file; a torn last line (the run was killed mid-write) is skipped."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("skipping a torn line in %s", path)
+                continue
+            if isinstance(item, dict):
+                yield item
+
+
+def _repair(path: Path) -> None:
+    """Cut a torn last line (a run killed mid-write) so appended lines start on their own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("dropping a torn last line of %s (%d bytes)", path, len(data) - keep)
+        with path.open("r+b") as f:
+            f.truncate(keep)
+
+
+def _append(path: Path, item: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(item, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, Any]:
+    datasets = {}
+    for ds in config.datasets:
+        path = resolve_dataset_file(ds, "dev", config.root)
+        datasets[ds] = {"file": str(path), "sha256": file_sha256(path)}
+    return {
+        "format": FORMAT,
+        "model": em.model_name,
+        "model_digest": digest,
+        "scope": getattr(em.scope, "name", ""),
+        "counterfactual": getattr(em.counterfactual, "name", None),
+        "datasets": datasets,
+        "strategies": {s: parse_strategy(s).config() for s in config.strategies},
+        "mode": config.mode,
+        "sequential": config.sequential,
+        "limit": config.limit,
+        "seed": config.seed,
+        "options": config.options.to_dict(),
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+
+
+_MUST_MATCH = ("model_digest", "mode", "sequential", "seed", "options")
+
+
+def _reconcile(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest, or check a resumed run's one against it (new datasets and
+    strategies may be added; anything that changes the numbers must match)."""
+    path = out / MANIFEST
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fresh, indent=2), encoding="utf-8")
+        return fresh
+    old = json.loads(path.read_text(encoding="utf-8"))
+    for key in _MUST_MATCH:
+        if old.get(key) != fresh.get(key):
+            msg = (
+                f"{out} holds a run with a different {key} ({old.get(key)!r} vs "
+                f"{fresh.get(key)!r}); resume only the same run, or choose a new --out"
+            )
+            raise InvalidRequestError(msg, field=key, value=fresh.get(key))
+    for ds, info in fresh["datasets"].items():
+        had = old["datasets"].get(ds)
+        if had is not None and had["sha256"] != info["sha256"]:
+            msg = f"{out}: dataset {ds} changed since the run began ({info['file']})"
+            raise InvalidRequestError(msg, field="datasets", value=ds)
+    old["datasets"].update(fresh["datasets"])
+    old["strategies"].update(fresh["strategies"])
+    old["versions"] = fresh["versions"]
+    path.write_text(json.dumps(old, indent=2), encoding="utf-8")
+    return dict(old)
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="rec",
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
+
+
+def _pre_states(
+    em: EditableModel,
+    dataset: str,
+    cases: Sequence[EvalCase],
+    config: EvalConfig,
+    out: Path,
+    rank: int,
+    progress: bool,
+) -> dict[int, dict[str, Any]]:
+    """Pre-edit state of every case, computed once (before any edit) and cached on disk."""
+    suite = suite_for(dataset)
+    path = out / "pre" / f"{dataset}{f'.rank{rank}' if rank else ''}.jsonl"
+    _repair(path)
+    cached = {int(item["index"]): item["pre"] for item in _read_jsonl(path)}
+    todo = [c for c in cases if c.index not in cached]
+    bar = _progress(len(cases), f"{dataset} pre-edit", progress, len(cases) - len(todo))
+    for case in todo:
+        state = suite.pre(em, case, config.options)
+        _append(path, {"index": case.index, "pre": state})
+        cached[case.index] = state
+        bar.update(1)
+    bar.close()
+    return cached
+
+
+class _Verifier:
+    def __init__(self, em: EditableModel, policy: str) -> None:
+        self.em, self.policy = em, policy
+        self.digest = weights_digest(em.model) if em.model is not None else ""
+        self.active = {r.id for r in em.edits()}
+        self.checked = 0
+
+    def due(self, n: int) -> bool:
+        if self.policy == "all":
+            return True
+        return self.policy == "sample" and (n < 3 or n % 25 == 0)
+
+    def check(self, what: str) -> None:
+        left = {r.id for r in self.em.edits()} - self.active
+        if left:
+            msg = f"{what}: edits {sorted(left)} are still active after the revert"
+            raise RevertError(msg)
+        if self.em.model is not None and weights_digest(self.em.model) != self.digest:
+            msg = f"{what}: the model's weights differ from before the edit after its revert"
+            raise RevertError(msg)
+        self.checked += 1
+
+
+def _score_line(
+    em: EditableModel,
+    dataset: str,
+    case: EvalCase,
+    pre: dict[str, Any],
+    options: EvalOptions,
+    base: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(seed * 1_000_003 + case.index)  # sampled Fluency: same draw on resume
+    t0 = time.perf_counter()
+    metrics = suite_for(dataset).score(em, case, pre, options)
+    return {
+        **base,
+        "index": case.index,
+        "metrics": metrics,
+        "eval_s": round(time.perf_counter() - t0, 4),
+    }
+
+
+def _run_single(
+    em: EditableModel,
+    dataset: str,
+    strategy: EvalStrategy,
+    spec: str,
+    cases: Sequence[EvalCase],
+    pre: dict[int, dict[str, Any]],
+    config: EvalConfig,
+    out: Path,
+    rank: int,
+    progress: bool,
+) -> None:
+    path = records_path(out, dataset, spec, "single", rank)
+    _repair(path)
+    done = {int(item["index"]) for item in _read_jsonl(path)}
+    todo = [c for c in cases if c.index not in done]
+    verifier = _Verifier(em, config.verify_revert)
+    before_edit = getattr(suite_for(dataset), "before_edit", None)
+    bar = _progress(len(cases), f"{dataset} {spec}", progress, len(cases) - len(todo))
+    for n, case in enumerate(todo):
+        base = {"dataset": dataset, "strategy": spec, "mode": "single"}
+        state = pre[case.index]
+        if before_edit is not None:  # state too large to cache, taken right before the edit
+            state = {**state, "_live": before_edit(em, case, config.options)}
+        t0 = time.perf_counter()
+        try:
+            applied = strategy.apply(em, case.requests)
+        except MemeditError as exc:  # the edit was refused as a whole: record why, go on
+            _append(path, {**base, "index": case.index, "error": str(exc)})
+            bar.update(1)
+            continue
+        edit_s = time.perf_counter() - t0
+        try:
+            line = _score_line(em, dataset, case, state, config.options, base, config.seed)
+        finally:
+            applied.revert()
+        if verifier.due(n):
+            verifier.check(f"{spec} on {dataset} record {case.index}")
+        line["edit_s"] = round(edit_s, 4)
+        _append(path, line)
+        bar.update(1)
+    bar.close()
+
+
+def _run_sequential(
+    em: EditableModel,
+    dataset: str,
+    strategy: EvalStrategy,
+    spec: str,
+    cases: Sequence[EvalCase],
+    pre: dict[int, dict[str, Any]],
+    config: EvalConfig,
+    out: Path,
+    progress: bool,
+) -> None:
+    path = records_path(out, dataset, spec, "sequential")
+    _repair(path)
+    done: dict[int, set[int]] = {}
+    for item in _read_jsonl(path):
+        done.setdefault(int(item["T"]), set()).add(int(item["index"]))
+    curve = [t for t in config.curve() if t <= len(cases)]
+    verifier = _Verifier(em, config.verify_revert)
+    applied = []
+    edit_s = 0.0
+    bar = _progress(len(curve), f"{dataset} {spec} sequential (checkpoints)", progress)
+    try:
+        for t, case in enumerate(cases, start=1):
+            if t > curve[-1]:
+                break
+            t0 = time.perf_counter()
+            applied.append(strategy.apply(em, case.requests))
+            edit_s += time.perf_counter() - t0
+            if t not in curve:
+                continue
+            base = {
+                "dataset": dataset,
+                "strategy": spec,
+                "mode": "sequential",
+                "T": t,
+                "edit_s_total": round(edit_s, 4),
+            }
+            for c in cases[:t]:
+                if c.index in done.get(t, set()):
+                    continue
+                line = _score_line(em, dataset, c, pre[c.index], config.options, base, config.seed)
+                _append(path, line)
+            bar.update(1)
+    finally:
+        for a in reversed(applied):
+            a.revert()
+        bar.close()
+    if config.verify_revert != "none":
+        verifier.check(f"{spec} on {dataset} after {len(applied)} sequential edits")
+
+
+def evaluate(
+    em: EditableModel,
+    config: EvalConfig,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Run `config` on an already loaded wrapper (rank/world: this worker's share of records).
+    Returns the output directory."""
+    import torch
+
+    out = Path(config.out)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    digest = weights_digest(em.model) if em.model is not None else ""
+    if em.edits():
+        msg = "evaluate an EditableModel with no active edits (its memory must start empty)"
+        raise InvalidRequestError(msg, field="em", value=len(em.edits()))
+    manifest = _manifest(config, em, digest)
+    if rank == 0:
+        _reconcile(out, manifest)
+    for dataset in config.datasets:
+        cases = load_cases(dataset, limit=config.limit, root=config.root)
+        mine = [c for i, c in enumerate(cases) if i % world == rank]
+        pre = _pre_states(em, dataset, mine, config, out, rank, progress)
+        for spec in config.strategies:
+            strategy = parse_strategy(spec)
+            if config.sequential is None:
+                _run_single(em, dataset, strategy, spec, mine, pre, config, out, rank, progress)
+            else:
+                _run_sequential(em, dataset, strategy, spec, mine, pre, config, out, progress)
+    return out
+
+
+def _worker(rank: int, config_json: str, world: int, progress: bool) -> None:
+    config = config_from_dict(json.loads(config_json))
+    device = None
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+    from memedit.editable import EditableModel
+
+    memory = Path(config.out) / "work" / f"memory-rank{rank}"
+    import shutil
+
+    shutil.rmtree(memory, ignore_errors=True)
+    em = EditableModel.load(config.model, memory=memory, device=device, progress=False)
+    try:
+        evaluate(em, config, rank=rank, world=world, progress=progress and rank == 0)
+    finally:
+        em.close()
+
+
+def config_to_dict(config: EvalConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["options"] = config.options.to_dict()
+    return d
+
+
+def config_from_dict(d: dict[str, Any]) -> EvalConfig:
+    d = dict(d)
+    d["options"] = EvalOptions(**d.get("options", {}))
+    for key in ("datasets", "strategies", "checkpoints"):
+        d[key] = tuple(d.get(key, ()))
+    return EvalConfig(**d)
+
+
+def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
+    """Load the model and run `config`, in `config.workers` processes when more than one.
+    Returns the output directory (records, pre-edit cache, manifest; see `report`)."""
+    if config.workers == 1:
+        _worker(0, json.dumps(config_to_dict(config)), 1, progress)
+        return Path(config.out)
+    import torch.multiprocessing as mp
+
+    # rank 0 writes the manifest first so the workers agree on one run
+    mp.spawn(
+        _worker,
+        args=(json.dumps(config_to_dict(config)), config.workers, progress),
+        nprocs=config.workers,
+        join=True,
+    )
+    return Path(config.out)

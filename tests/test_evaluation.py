@@ -1,0 +1,267 @@
+"""The evaluator on a tiny random model and real KnowEdit records: strategies by name, single
+and sequential modes, exact-revert checks, resumption, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from memedit import EditRequest, InvalidRequestError
+from memedit.datasets import load_cases
+from memedit.editable import EditableModel, RouterConfig
+from memedit.evaluation import (
+    EvalConfig,
+    EvalOptions,
+    RevertError,
+    aggregate,
+    evaluate,
+    parse_strategy,
+    register_strategy,
+    suite_for,
+    summarise,
+    weights_digest,
+    write_reports,
+)
+from memedit.evaluation.report import load_records
+from memedit.evaluation.runner import records_path
+from memedit.evaluation.strategies import Unedited, WrapperStrategy
+from memedit.stores.embedders import HashingEmbedder
+from memedit.stores.memory import EditMemory
+
+from .test_editable import MarkerPath, OverlapScope
+from .tiny import tiny_llama
+
+FAST = EvalOptions(fluency_tokens=0, generation=False)
+
+
+class CountingPath(MarkerPath):
+    """MarkerPath that also counts how often the counterfactual path was entered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = 0
+
+    def build_input(self, query: str, edits: Sequence[EditRequest], tokenizer: object) -> str:
+        self.entered += 1
+        return super().build_input(query, edits, tokenizer)
+
+
+@pytest.fixture
+def em(tmp_path: Path) -> Iterator[EditableModel]:
+    model, tok = tiny_llama()
+    mem = EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder())
+    wrapped = EditableModel(
+        model,
+        tok,
+        memory=mem,
+        scope=OverlapScope(),
+        counterfactual=CountingPath(),
+        config=RouterConfig(max_new_tokens=4),
+        model_name="tiny",
+    )
+    yield wrapped
+    wrapped.close()
+
+
+def config(tmp_path: Path, **kw: Any) -> EvalConfig:
+    base: dict[str, Any] = dict(
+        datasets=("ZsRE",),
+        strategies=("unedited", "memory"),
+        limit=3,
+        out=str(tmp_path / "out"),
+        options=FAST,
+        verify_revert="all",
+    )
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ strategy specs
+def test_strategy_specs_parse_and_bad_ones_are_named() -> None:
+    assert isinstance(parse_strategy("unedited"), Unedited)
+    mem = parse_strategy("memory")
+    assert isinstance(mem, WrapperStrategy) and mem.name == "memory"
+    w = parse_strategy("weights:rome@layer=4;lr=0.5;norm=true;tag=a")
+    assert isinstance(w, WrapperStrategy)
+    assert w.config() == {
+        "strategy": "weights",
+        "method": "rome",
+        "options": {"layer": 4, "lr": 0.5, "norm": True, "tag": "a"},
+    }
+    with pytest.raises(InvalidRequestError, match="unknown strategy 'magic'"):
+        parse_strategy("magic")
+    with pytest.raises(InvalidRequestError, match="key=value"):
+        parse_strategy("memory@oops")
+    with pytest.raises(InvalidRequestError, match="at least one dataset"):
+        EvalConfig(datasets=())
+    with pytest.raises(InvalidRequestError, match="workers=1"):
+        EvalConfig(datasets=("ZsRE",), sequential=5, workers=2)
+    with pytest.raises(InvalidRequestError, match="checkpoints"):
+        EvalConfig(datasets=("ZsRE",), sequential=5, checkpoints=(9,))
+
+
+# ------------------------------------------------------------------ aggregation
+def test_grouped_metrics_average_per_kind_then_over_kinds() -> None:
+    records = [
+        {"edit_succ": 1.0, "portability/A": 1.0, "portability/B": 0.0},
+        {"edit_succ": 0.5, "portability/A": 0.0},
+        {"edit_succ": math.nan},
+    ]
+    assert aggregate(records, "edit_succ") == pytest.approx(0.75)  # nan skipped
+    # kind A: (1 + 0) / 2 = 0.5; kind B: 0.0 -> (0.5 + 0.0) / 2
+    assert aggregate(records, "portability") == pytest.approx(0.25)
+    assert math.isnan(aggregate(records, "locality"))
+
+
+# ------------------------------------------------------------------ single mode
+def test_single_mode_scores_each_case_reverts_and_reports(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path)
+    before = weights_digest(em.model)
+    out = evaluate(em, cfg, progress=False)
+    assert weights_digest(em.model) == before
+    assert em.edits() == []  # every edit was rolled back
+    unedited = lines(records_path(out, "ZsRE", "unedited", "single"))
+    memory = lines(records_path(out, "ZsRE", "memory", "single"))
+    assert [r["index"] for r in unedited] == [0, 1, 2] == [r["index"] for r in memory]
+    for r in unedited:  # nothing changed, so every locality token agrees with itself
+        assert all(v == 1.0 for k, v in r["metrics"].items() if k.startswith("locality/"))
+    # the stored scores are what the wrapper gives with the case's edit applied, and the
+    # counterfactual path ran only for the memory strategy
+    assert isinstance(em.counterfactual, CountingPath)
+    assert em.counterfactual.entered > 0
+    case = load_cases("ZsRE", limit=1)[0]
+    req = case.requests[0]
+    records = em.edit(list(case.requests))
+    expected = em.teacher_forced([req.prompt, *req.rephrase], [req.target_new] * 2)
+    em.rollback(records[0].id)
+    assert memory[0]["metrics"]["edit_succ"] == pytest.approx(expected[0])
+    assert memory[0]["metrics"]["rephrase"] == pytest.approx(expected[1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "tiny" and manifest["seed"] == 0
+    assert len(manifest["datasets"]["ZsRE"]["sha256"]) == 64
+    assert manifest["strategies"]["memory"] == {"strategy": "memory", "method": "", "options": {}}
+    assert "torch" in manifest["versions"]
+
+    paths = write_reports(out)
+    md = paths["md"].read_text()
+    assert "| Metric | memory | unedited |" in md and "| Edit Succ. |" in md
+    rows = list(
+        csv.reader(x for x in paths["csv"].read_text().splitlines() if not x.startswith("#"))
+    )
+    assert rows[0] == ["dataset", "mode", "T", "metric", "strategy", "value", "n"]
+    loc = [r for r in rows if r[3] == "Locality" and r[4] == "unedited"]
+    assert loc and loc[0][5] == "100.00"
+    assert paths["bar:ZsRE"].stat().st_size > 1000
+    summary = json.loads(paths["json"].read_text())["summary"]
+    assert summary["ZsRE"]["single"]["memory"]["n"] == 3
+
+
+def test_an_interrupted_run_resumes_without_recomputing(em: EditableModel, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    class Counting(WrapperStrategy):
+        def apply(self, em: EditableModel, requests: Sequence[EditRequest]) -> Any:
+            calls.append(int(requests[0].meta["index"]))
+            return super().apply(em, requests)
+
+    register_strategy("counting", lambda method, opts: Counting("memory"))
+    cfg = config(tmp_path, strategies=("counting",), limit=2)
+    evaluate(em, cfg, progress=False)
+    assert calls == [0, 1]
+    path = records_path(Path(cfg.out), "ZsRE", "counting", "single")
+    with path.open("a") as f:  # a torn last line, as a kill mid-write leaves it
+        f.write('{"dataset": "ZsRE", "ind')
+    evaluate(em, config(tmp_path, strategies=("counting",), limit=4), progress=False)
+    assert calls == [0, 1, 2, 3]  # 0 and 1 were not recomputed
+    assert sorted(r["index"] for r in load_records(Path(cfg.out))) == [0, 1, 2, 3]
+    with pytest.raises(InvalidRequestError, match="different seed"):
+        evaluate(em, config(tmp_path, strategies=("counting",), seed=1), progress=False)
+
+
+def test_a_revert_that_leaves_weights_changed_is_caught(em: EditableModel, tmp_path: Path) -> None:
+    class Sloppy:
+        name = "sloppy"
+
+        def config(self) -> dict[str, Any]:
+            return {"strategy": "sloppy"}
+
+        def apply(self, em: EditableModel, requests: Sequence[EditRequest]) -> Any:
+            assert em.model is not None
+            w = next(em.model.parameters())
+            with torch.no_grad():
+                w.add_(1e-3)
+
+            class Half:
+                def revert(self) -> None:
+                    with torch.no_grad():
+                        w.sub_(1e-3)  # float rounding: not bit-identical
+
+            return Half()
+
+    register_strategy("sloppy", lambda method, opts: Sloppy())
+    with pytest.raises(RevertError, match="weights differ"):
+        evaluate(em, config(tmp_path, strategies=("sloppy",), limit=2), progress=False)
+
+
+# ------------------------------------------------------------------ sequential mode
+def test_sequential_mode_scores_all_edits_so_far_at_each_checkpoint(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, strategies=("memory",), limit=4, sequential=3, checkpoints=(1, 3))
+    out = evaluate(em, cfg, progress=False)
+    got = lines(records_path(out, "ZsRE", "memory", "sequential"))
+    assert sorted((r["T"], r["index"]) for r in got) == [(1, 0), (3, 0), (3, 1), (3, 2)]
+    assert em.edits() == []
+    summary = summarise(load_records(out))
+    curve = summary["ZsRE"]["sequential"]["memory"]
+    assert set(curve) == {"1", "3"} and curve["3"]["n"] == 3
+    paths = write_reports(out)
+    assert paths["curve:ZsRE"].stat().st_size > 1000
+    assert "sequential, memory" in paths["md"].read_text()
+
+
+# ------------------------------------------------------------------ every suite, all metrics
+@pytest.mark.parametrize("dataset", ["ZsRE", "WikiBio", "ConvSent", "Sanitation", "MQuAKE"])
+def test_each_suite_scores_its_metrics_with_generation(
+    em: EditableModel, tmp_path: Path, dataset: str
+) -> None:
+    opts = EvalOptions(fluency_tokens=12, generation=True, max_gen_tokens=4)
+    cfg = config(tmp_path, datasets=(dataset,), limit=2, options=opts)
+    out = evaluate(em, cfg, progress=False)
+    unedited = lines(records_path(out, dataset, "unedited", "single"))
+    memory = lines(records_path(out, dataset, "memory", "single"))
+    assert len(unedited) == len(memory) == 2
+    for rec in unedited + memory:
+        m = rec["metrics"]
+        assert "fluency" in m and m["fluency"] >= 0.0
+        for k, v in m.items():
+            if k not in ("fluency", "convsent_kl"):
+                assert 0.0 <= v <= 1.0 or math.isnan(v), (k, v)
+    first = unedited[0]["metrics"]
+    if dataset == "ConvSent":
+        assert first["convsent_kl"] == pytest.approx(0.0, abs=1e-6)  # nothing was edited
+        assert set(first) == {"convsent_succ", "convsent_kl", "fluency"}
+    elif dataset == "Sanitation":
+        assert first["sanitation_loc"] == 1.0  # same model, same greedy answers
+    else:
+        assert "gen.edit_succ" in first
+        if dataset != "MQuAKE":
+            assert all(v == 1.0 for k, v in first.items() if k.startswith("gen.locality/"))
+        else:
+            assert "gen.portability/multi_hop" in first
+    summary = summarise(load_records(out))[dataset]["single"]
+    labels = {r.label for r in suite_for(dataset).rows}
+    assert set(summary["memory"]["rows"]) == labels
