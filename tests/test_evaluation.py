@@ -136,6 +136,7 @@ def test_single_mode_scores_each_case_reverts_and_reports(
     unedited = lines(records_path(out, "ZsRE", "unedited", "single"))
     memory = lines(records_path(out, "ZsRE", "memory", "single"))
     assert [r["index"] for r in unedited] == [0, 1, 2] == [r["index"] for r in memory]
+    assert len({r["run"] for r in unedited + memory}) == 1  # every line names its run
     for r in unedited:  # nothing changed, so every locality token agrees with itself
         assert all(v == 1.0 for k, v in r["metrics"].items() if k.startswith("locality/"))
     # the stored scores are what the wrapper gives with the case's edit applied, and the

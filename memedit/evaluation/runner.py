@@ -192,6 +192,16 @@ def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, A
 _MUST_MATCH = ("model_digest", "mode", "sequential", "seed", "options")
 
 
+def _run_id(manifest: dict[str, Any]) -> str:
+    """Short fingerprint of what determines a record's numbers (model weights, mode, seed,
+    options, dataset hashes, strategy configs): every record line carries it, so a line can be
+    traced to its manifest."""
+    import hashlib
+
+    key = {k: manifest.get(k) for k in (*_MUST_MATCH, "datasets", "strategies")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _reconcile(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest, or check a resumed run's one against it (new datasets and
     strategies may be added; anything that changes the numbers must match)."""
@@ -315,6 +325,7 @@ def _run_single(
     out: Path,
     rank: int,
     progress: bool,
+    run: str,
 ) -> None:
     path = records_path(out, dataset, spec, "single", rank)
     _repair(path)
@@ -324,7 +335,7 @@ def _run_single(
     before_edit = getattr(suite_for(dataset), "before_edit", None)
     bar = _progress(len(cases), f"{dataset} {spec}", progress, len(cases) - len(todo))
     for n, case in enumerate(todo):
-        base = {"dataset": dataset, "strategy": spec, "mode": "single"}
+        base = {"dataset": dataset, "strategy": spec, "mode": "single", "run": run}
         state = pre[case.index]
         if before_edit is not None:  # state too large to cache, taken right before the edit
             state = {**state, "_live": before_edit(em, case, config.options)}
@@ -358,6 +369,7 @@ def _run_sequential(
     config: EvalConfig,
     out: Path,
     progress: bool,
+    run: str,
 ) -> None:
     path = records_path(out, dataset, spec, "sequential")
     _repair(path)
@@ -379,6 +391,7 @@ def _run_sequential(
             if t not in curve:
                 continue
             base = {
+                "run": run,
                 "dataset": dataset,
                 "strategy": spec,
                 "mode": "sequential",
@@ -421,6 +434,7 @@ def evaluate(
     manifest = _manifest(config, em, digest)
     if rank == 0:
         _reconcile(out, manifest)
+    run = _run_id(manifest)
     for dataset in config.datasets:
         cases = load_cases(dataset, limit=config.limit, root=config.root)
         mine = [c for i, c in enumerate(cases) if i % world == rank]
@@ -428,9 +442,11 @@ def evaluate(
         for spec in config.strategies:
             strategy = parse_strategy(spec)
             if config.sequential is None:
-                _run_single(em, dataset, strategy, spec, mine, pre, config, out, rank, progress)
+                _run_single(
+                    em, dataset, strategy, spec, mine, pre, config, out, rank, progress, run
+                )
             else:
-                _run_sequential(em, dataset, strategy, spec, mine, pre, config, out, progress)
+                _run_sequential(em, dataset, strategy, spec, mine, pre, config, out, progress, run)
     return out
 
 
@@ -439,6 +455,8 @@ def _worker(rank: int, config_json: str, world: int, progress: bool) -> None:
     device = None
     import torch
 
+    if world > 1:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if torch.cuda.is_available():
         device = f"cuda:{rank % torch.cuda.device_count()}"
     from memedit.editable import EditableModel
