@@ -52,7 +52,7 @@ eval: venv
 	$(BIN)/memedit eval --dataset all --strategies $(EVAL_STRATEGIES) --limit $(EVAL_LIMIT) \
 		--out $(EVAL_DIR)/knowedit
 	$(BIN)/memedit eval --dataset ZsRE --strategies memory --limit 100 --sequential 100 \
-		--checkpoints 1,10,25,50,100 --out $(EVAL_DIR)/zsre-sequential
+		--checkpoints 1,10,50,100 --fluency-tokens 0 --out $(EVAL_DIR)/zsre-sequential
 	$(BIN)/memedit results $(EVAL_DIR)/knowedit $(EVAL_DIR)/zsre-sequential --write RESULTS.md
 
 clean:

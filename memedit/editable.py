@@ -298,17 +298,26 @@ class EditableModel:
 
     # ------------------------------------------------------------------ answering
     def generate(
-        self, prompt: str, *, max_new_tokens: int | None = None, top_k: int | None = None
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int | None = None,
+        top_k: int | None = None,
+        first_line: bool | None = None,
     ) -> Answer:
         """Complete `prompt` (raw text, no chat template) with the edits applied: greedy, or
-        top-k sampling when ``top_k`` is given (local models only)."""
+        top-k sampling when ``top_k`` is given (local models only). In-scope answers stop at
+        their first line when the counterfactual path answers in a Q/A frame; ``first_line``
+        overrides that (False: the full continuation, e.g. for Fluency)."""
         n = max_new_tokens or self.config.max_new_tokens
         if self.model is None:
             return self.chat([{"role": "user", "content": prompt}], max_new_tokens=n)
         assert self.tokenizer is not None
         text, decision = self.model_input(prompt)
+        cut = decision.in_scope and getattr(self.counterfactual, "single_line_answers", False)
+        if first_line is not None:
+            cut = decision.in_scope and first_line
         with self.activated(decision):
-            cut = decision.in_scope and getattr(self.counterfactual, "single_line_answers", False)
             out = greedy_generate(
                 self.model, self.tokenizer, text, max_new_tokens=n, top_k=top_k, first_line=cut
             )

@@ -115,6 +115,9 @@ def write_results(dirs: Sequence[str | Path], path: str | Path = "RESULTS.md") -
                     f"{s} {v['records_per_s']} records/s" for s, v in modes["single"].items()
                 )
                 lines += ["", f"Throughput: {rate}.", ""]
+                bars = root / "plots" / f"{ds}.png"
+                if bars.is_file():
+                    lines += [f"![{ds}]({bars.as_posix()})", ""]
             for s, by_t in modes.get("sequential", {}).items():
                 ts = sorted(by_t, key=int)
                 labels = [lbl for lbl in next(iter(by_t.values()))["rows"]]

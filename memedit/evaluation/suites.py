@@ -105,14 +105,18 @@ def _generate_all(
 
 def fluency_of(em: EditableModel, prompt: str, opts: EvalOptions) -> float:
     """KnowEdit's Fluency of one prompt (×100): n-gram entropy of the prompt continued by the
-    wrapper until ``opts.fluency_tokens`` tokens (prompt included), as EasyEdit scores it."""
+    wrapper until ``opts.fluency_tokens`` tokens (prompt included), as EasyEdit scores it. The
+    continuation is not cut at the first line for in-scope prompts: the entropy of a text
+    grows with its length, so a one-line answer would score low for being short."""
     from memedit.metrics_generation import fluency_score, fluency_text, text_n_gram_entropy
 
     assert em.tokenizer is not None
     budget = opts.fluency_tokens - len(em.tokenizer(prompt)["input_ids"])
     cont = ""
     if budget > 0:
-        cont = em.generate(prompt, max_new_tokens=budget, top_k=opts.fluency_top_k).text
+        cont = em.generate(
+            prompt, max_new_tokens=budget, top_k=opts.fluency_top_k, first_line=False
+        ).text
     return fluency_score([text_n_gram_entropy(fluency_text(prompt, cont))])
 
 
