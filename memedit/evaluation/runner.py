@@ -461,7 +461,7 @@ def _worker(rank: int, config_json: str, world: int, progress: bool) -> None:
         device = f"cuda:{rank % torch.cuda.device_count()}"
     from memedit.editable import EditableModel
 
-    memory = Path(config.out) / "work" / f"memory-rank{rank}"
+    memory = Path(config.out) / "work" / f"memory-rank{rank}-pid{os.getpid()}"
     import shutil
 
     shutil.rmtree(memory, ignore_errors=True)
@@ -470,6 +470,7 @@ def _worker(rank: int, config_json: str, world: int, progress: bool) -> None:
         evaluate(em, config, rank=rank, world=world, progress=progress and rank == 0)
     finally:
         em.close()
+        shutil.rmtree(memory, ignore_errors=True)  # scratch: every record was rolled back
 
 
 def config_to_dict(config: EvalConfig) -> dict[str, Any]:
