@@ -167,7 +167,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     from memedit.evaluation import write_results
 
-    path = write_results(args.dirs, args.write)
+    path = write_results(args.dirs, args.write, notes=args.notes)
     _out(f"written: {path}")
     return 0
 
@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("results", help="write RESULTS.md from evaluation directories")
     res.add_argument("dirs", nargs="+")
     res.add_argument("--write", default="RESULTS.md")
+    res.add_argument("--notes", default=None, help="Markdown appended after the tables")
     res.set_defaults(fn=_cmd_results)
     return p
 

@@ -43,13 +43,17 @@ def reference_tables() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _dataset_table(
-    dataset: str, ours: Mapping[str, Any], paper: Mapping[str, Any], here: Mapping[str, Any]
+    dataset: str,
+    ours: Mapping[str, Any],
+    paper: Mapping[str, Any],
+    here: Mapping[str, Any],
+    references: bool = True,
 ) -> list[list[str]]:
     from memedit.evaluation.suites import suite_for
 
-    p_methods: Sequence[str] = paper["methods"]
+    p_methods: Sequence[str] = paper["methods"] if references else []
     p_rows = paper["datasets"].get(dataset, {})
-    h_methods = here["datasets"].get(dataset, {})
+    h_methods = here["datasets"].get(dataset, {}) if references else {}
     head = ["Metric", *(f"**{s}** (ours)" for s in ours)]
     head += [f"{m} (EasyEdit, same model, n={v['n']})" for m, v in h_methods.items()]
     head += [f"{m} (paper, Llama-2-7b-chat)" for m in p_methods]
@@ -82,8 +86,11 @@ def _dataset_table(
     return table
 
 
-def write_results(dirs: Sequence[str | Path], path: str | Path = "RESULTS.md") -> Path:
-    """Write RESULTS.md from evaluation directories (single and/or sequential runs)."""
+def write_results(
+    dirs: Sequence[str | Path], path: str | Path = "RESULTS.md", notes: str | Path | None = None
+) -> Path:
+    """Write RESULTS.md from evaluation directories (single and/or sequential runs), followed
+    by the Markdown file `notes` (how to read the numbers) when given."""
     paper, here = reference_tables()
     lines = [
         "# Results",
@@ -100,6 +107,7 @@ def write_results(dirs: Sequence[str | Path], path: str | Path = "RESULTS.md") -
         "answers instead of teacher-forced tokens.",
         "",
     ]
+    shown: set[str] = set()  # reference columns once per dataset, beside its first table
     for d in dirs:
         root = Path(d)
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
@@ -110,7 +118,9 @@ def write_results(dirs: Sequence[str | Path], path: str | Path = "RESULTS.md") -
         for ds in order:
             modes = summary[ds]
             if "single" in modes:
-                lines += [f"### {ds}", "", _md(_dataset_table(ds, modes["single"], paper, here))]
+                table = _dataset_table(ds, modes["single"], paper, here, ds not in shown)
+                shown.add(ds)
+                lines += [f"### {ds}", "", _md(table)]
                 rate = ", ".join(
                     f"{s} {v['records_per_s']} records/s" for s, v in modes["single"].items()
                 )
@@ -130,6 +140,8 @@ def write_results(dirs: Sequence[str | Path], path: str | Path = "RESULTS.md") -
                 plot = root / "plots" / f"{ds}-sequential.png"
                 if plot.is_file():
                     lines += [f"![{ds} sequential]({plot.as_posix()})", ""]
+    if notes is not None:
+        lines += ["", Path(notes).read_text(encoding="utf-8")]
     out = Path(path)
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
