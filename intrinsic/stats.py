@@ -1,0 +1,348 @@
+"""Key statistics: the second moment ``E[k kᵀ]`` of the inputs to a layer's MLP output
+projection (ROME's ``layer_stats``), from text that exists offline, cached on disk.
+
+The text comes from a pluggable :class:`TextSource`; the default, :class:`WikiBioPassages`,
+reads the WikiBio passages of the KnowEdit data (``dev/WikiBio.json`` and
+``train/WikiBio/*.json``: each record's ``text`` followed by its ``labels`` sentence, 67,811
+SmolLM2 tokens in all). Texts are cut into windows of ``max_length`` tokens and run through
+the model only up to the layer (the forward pass stops there); per batch the products are
+taken in float32 and summed into a float64 accumulator.
+
+The result is cached under ``cache_dir()/stats/`` in a file named by everything it depends on:
+a digest of the weights the keys depend on (embeddings, the blocks below the layer and the
+layer itself up to its output projection — so an edit of that projection, or of any later
+layer, still finds it), the layer, the token count asked for, the model dtype, the source's
+identity and the window length. Files are written atomically (temporary file + rename) and
+read by any later process; :class:`KeyStatistics` also keeps the last few in memory and, by
+default, pins each model object to the statistics of its weights as first seen (sequential
+edits keep using the unedited model's statistics, as the reference implementations do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from memedit.errors import InvalidRequestError
+
+from .compute import capture, encode, mlp_out_name, model_device, pad_id, pad_right
+from .digest import model_digest
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "KeyStatistics",
+    "TextList",
+    "TextSource",
+    "WikiBioPassages",
+    "default_statistics",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TextSource(Protocol):
+    """Where key statistics read their text from."""
+
+    @property
+    def identity(self) -> str:
+        """Short, file-name-safe id that changes whenever the text does (part of the cache key)."""
+        ...
+
+    def texts(self) -> Iterable[str]: ...
+
+
+@dataclass(frozen=True)
+class TextList:
+    """A fixed list of texts (tests, or any corpus already in memory)."""
+
+    items: tuple[str, ...]
+    name: str = "texts"
+
+    @property
+    def identity(self) -> str:
+        h = hashlib.sha256("\x00".join(self.items).encode()).hexdigest()[:12]
+        return f"{self.name}-{h}"
+
+    def texts(self) -> Iterable[str]:
+        return iter(self.items)
+
+
+class WikiBioPassages:
+    """KnowEdit's WikiBio passages (dev then train files), each ``text + " " + labels``."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        from memedit.paths import knowedit_dir
+
+        base = Path(root) if root is not None else knowedit_dir()
+        self.files = [
+            base / "dev" / "WikiBio.json",
+            *sorted((base / "train" / "WikiBio").glob("*.json")),
+        ]
+        missing = [str(f) for f in self.files if not f.is_file()]
+        if missing:
+            msg = f"WikiBio text for key statistics not found: {missing}"
+            raise FileNotFoundError(msg)
+
+    @property
+    def identity(self) -> str:
+        from memedit.paths import file_sha256
+
+        h = hashlib.sha256("".join(file_sha256(f) for f in self.files).encode()).hexdigest()
+        return f"wikibio-{h[:12]}"
+
+    def texts(self) -> Iterator[str]:
+        for f in self.files:
+            for record in json.loads(f.read_text(encoding="utf-8")):
+                parts = [record.get("text", ""), record.get("labels", "")]
+                text = " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
+                if text:
+                    yield text
+
+
+def _upstream(model: nn.Module, layer: int) -> Callable[[str], bool]:
+    """Names of the tensors the keys of ``layer`` depend on (plus non-block tensors)."""
+    from memedit.spec import ensure_spec
+
+    prefix = ensure_spec(model).layers + "."
+    own = mlp_out_name(model, layer) + "."
+
+    def select(name: str) -> bool:
+        if not name.startswith(prefix):
+            return True
+        head = name[len(prefix) :].split(".", 1)[0]
+        if not head.isdigit():
+            return True
+        index = int(head)
+        return index < layer or (index == layer and not name.startswith(own))
+
+    return select
+
+
+def _windows(
+    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], max_length: int
+) -> Iterator[list[int]]:
+    for text in texts:
+        ids = encode(tokenizer, text)
+        for start in range(0, len(ids), max_length):
+            window = ids[start : start + max_length]
+            if window:
+                yield window
+
+
+def compute_second_moment(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layer: int,
+    texts: Iterable[str],
+    n_tokens: int,
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """``(E[k kᵀ] in float64, tokens used)`` over at most ``n_tokens`` tokens of ``texts``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from memedit.spec import weight_matrix
+
+    module = mlp_out_name(model, layer)
+    width = weight_matrix(model, module).shape[1]
+    device = model_device(model)
+    acc = torch.zeros((width, width), dtype=torch.float64, device=device)
+    count = 0
+    pad = pad_id(tokenizer)
+    batch: list[list[int]] = []
+    bar = tqdm(total=n_tokens, unit="tok", desc=f"key statistics {module}", disable=not progress)
+
+    def flush() -> None:
+        nonlocal count
+        ids, mask = pad_right(batch, pad, device)
+        keys, _ = capture(model, module, ids, mask)
+        k = keys[mask.bool()][: n_tokens - count].float()
+        acc.add_((k.T @ k).double())
+        count += int(k.shape[0])
+        bar.update(int(k.shape[0]))
+        batch.clear()
+
+    try:
+        for window in _windows(tokenizer, texts, max_length):
+            batch.append(window)
+            if len(batch) == batch_size:
+                flush()
+                if count >= n_tokens:
+                    break
+        if batch and count < n_tokens:
+            flush()
+    finally:
+        bar.close()
+    if count == 0:
+        msg = "the text source gave no tokens for key statistics"
+        raise InvalidRequestError(msg, field="stats_source", value=None)
+    if count < n_tokens:
+        logger.warning("key statistics: the source ran out after %d of %d tokens", count, n_tokens)
+    return acc / count, count
+
+
+class KeyStatistics:
+    """Second moments of MLP keys, per model state and layer, computed once and cached.
+
+    ``source``: text to read (default :class:`WikiBioPassages`); ``root``: cache directory
+    (default ``cache_dir()/stats``); ``disk=False`` keeps them in memory only.
+
+    ``pin=True`` (default): a model object gets, for each layer, the statistics of its weights
+    as this provider first saw them — as ROME, MEMIT and AlphaEdit use the unedited model's
+    statistics throughout sequential editing (an edit of a lower layer would otherwise change
+    the keys of the layers above and their cache key). ``pin=False`` follows the current
+    weights. The counters ``computed`` and ``loaded`` tell how requests were served (tests,
+    benchmarks). Returned tensors are shared: do not modify them in place.
+    """
+
+    def __init__(
+        self,
+        source: TextSource | None = None,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        disk: bool = True,
+        max_length: int = 256,
+        batch_size: int = 8,
+        progress: bool = True,
+        keep_in_memory: int = 4,
+        pin: bool = True,
+    ) -> None:
+        self._source = source
+        self.pin = pin
+        self._pinned: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], torch.Tensor]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._root = Path(root) if root is not None else None
+        self.disk = disk
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.progress = progress
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._keep = keep_in_memory
+        self.computed = 0
+        self.loaded = 0
+        self.last_seconds = 0.0
+        self.last_tokens = 0
+
+    @property
+    def source(self) -> TextSource:
+        if self._source is None:
+            self._source = WikiBioPassages()
+        return self._source
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            from memedit.paths import cache_dir
+
+            self._root = cache_dir() / "stats"
+        return self._root
+
+    def cache_path(self, model: nn.Module, layer: int, n_tokens: int) -> Path:
+        """The file the statistics of ``layer`` of ``model`` (as it is now) live in."""
+        digest = model_digest(model, _upstream(model, layer), label=f"keys<{layer}")
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        name = (
+            f"layer{layer}-{n_tokens}tok-{dtype}-{self.source.identity}-"
+            f"w{self.max_length}.safetensors"
+        )
+        return self.root / digest[:24] / name
+
+    def second_moment(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, layer: int, n_tokens: int
+    ) -> torch.Tensor:
+        """``E[k kᵀ]`` (float64, on the model's device) for keys of ``layer``'s MLP output."""
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            msg = f"n_tokens must be a positive integer, got {n_tokens!r}"
+            raise InvalidRequestError(msg, field="stats_tokens", value=n_tokens)
+        device = model_device(model)
+        pinned = self._pinned.setdefault(model, {}) if self.pin else None
+        if pinned is not None and (layer, n_tokens) in pinned:
+            return pinned[(layer, n_tokens)].to(device)
+        path = self.cache_path(model, layer, n_tokens)
+        mom2 = self._memory.get(str(path))
+        if mom2 is None:
+            mom2 = self._load_or_compute(model, tokenizer, layer, n_tokens, path)
+        self._memory[str(path)] = mom2
+        self._memory.move_to_end(str(path))
+        while len(self._memory) > self._keep:
+            self._memory.popitem(last=False)
+        if pinned is not None:
+            pinned[(layer, n_tokens)] = mom2
+        return mom2.to(device)
+
+    def _load_or_compute(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        layer: int,
+        n_tokens: int,
+        path: Path,
+    ) -> torch.Tensor:
+        import torch
+
+        if self.disk and path.is_file():
+            self.loaded += 1
+            return _read(path).to(torch.float64)
+        start = time.perf_counter()
+        mom2, count = compute_second_moment(
+            model,
+            tokenizer,
+            layer,
+            self.source.texts(),
+            n_tokens,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
+        self.last_seconds = time.perf_counter() - start
+        self.last_tokens = count
+        self.computed += 1
+        logger.info(
+            "key statistics for layer %d: %d tokens in %.1f s", layer, count, self.last_seconds
+        )
+        if self.disk:
+            _write(path, mom2, {"tokens": str(count), "source": self.source.identity})
+        return mom2
+
+
+def _write(path: Path, mom2: torch.Tensor, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"mom2": mom2.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["mom2"]
+
+
+_DEFAULT: list[KeyStatistics] = []
+
+
+def default_statistics() -> KeyStatistics:
+    """The process-wide :class:`KeyStatistics` used when a caller passes none (created on
+    first use, never at import)."""
+    if not _DEFAULT:
+        _DEFAULT.append(KeyStatistics())
+    return _DEFAULT[0]

@@ -1,0 +1,196 @@
+"""The shared math: token positions, early-stopping capture, kept logits, context prefixes and the
+float64 solves ROME and MEMIT are built on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memedit.errors import InvalidRequestError
+from memedit.hooks import edit_output, trace
+from memedit.intrinsic.compute import (
+    capture,
+    encode,
+    forward_logits,
+    least_squares_update,
+    mlp_out_name,
+    rank_one_update,
+    solve_psd,
+    subject_keys,
+    subject_token_index,
+    target_batch,
+)
+from memedit.intrinsic.values import context_prefixes
+from memedit.types import EditRequest
+
+from .tiny import tiny_llama, tiny_tokenizer
+from .tiny_models import TYPES, tiny_model
+
+
+def test_subject_token_index_is_the_subjects_last_token() -> None:
+    tok = tiny_tokenizer()
+    text = "Where did Leo Arons die?"
+    start = text.index("Leo Arons")
+    idx = subject_token_index(tok, text, start, start + len("Leo Arons"))
+    tokens = tok.convert_ids_to_tokens(encode(tok, text))
+    assert tokens[idx] == "ĠArons" and tokens[idx + 1] != "ĠArons"
+
+
+def test_subject_token_index_without_offsets_counts_the_prefix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tok = tiny_tokenizer()
+    text = "Where did Leo Arons die?"
+    start = text.index("Leo Arons")
+    fast = subject_token_index(tok, text, start, start + 9)
+    monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
+    assert subject_token_index(tok, text, start, start + 9) == fast
+    with pytest.raises(InvalidRequestError, match="subject span"):
+        subject_token_index(tok, text, 5, 99)
+
+
+def test_capture_stops_after_the_module() -> None:
+    model, tok = tiny_llama()
+    ids = torch.tensor([encode(tok, "The sky is blue.")])
+    ran: list[str] = []
+    handle = model.model.layers[1].register_forward_hook(lambda *a: ran.append("layer1"))
+    try:
+        k, v = capture(model, "model.layers.0.mlp.down_proj", ids, torch.ones_like(ids))
+    finally:
+        handle.remove()
+    assert ran == [] and k.shape == (1, ids.shape[1], 128) and v.shape == (1, ids.shape[1], 64)
+    with trace(model, ["model.layers.0.mlp.down_proj"], inputs=True) as tr:
+        model(input_ids=ids)
+    assert torch.equal(tr.inputs["model.layers.0.mlp.down_proj"], k)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_kept_logits_and_capture_work_on_every_registered_architecture(model_type: str) -> None:
+    model = tiny_model(model_type)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[0, 2] = True
+    keep[1, :4] = True
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(forward_logits(model, ids, mask, keep), full[keep])
+    keys, out = capture(model, mlp_out_name(model, 1), ids, mask)
+    assert keys.shape[:2] == out.shape[:2] == (2, 7) and out.shape[2] == 64
+
+
+def test_forward_logits_keeps_exactly_the_marked_positions() -> None:
+    model, tok = tiny_llama()
+    batch = target_batch(tok, [("The sky is", "blue"), ("Where did Leo Arons", "die ?")], "cpu")
+    kept = forward_logits(model, batch.ids, batch.mask, batch.keep)
+    with torch.no_grad():
+        full = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+    torch.testing.assert_close(kept, full[batch.keep])
+    # the positions predict the target tokens: prompt length - 1 onwards
+    first = len(encode(tok, "Where did Leo Arons"))
+    assert batch.keep[1].nonzero().flatten().tolist()[0] == first - 1
+    nll = batch.nll(kept.log_softmax(-1))
+    assert nll.shape == (2,) and bool((nll > 0).all())
+
+
+def test_subject_keys_average_over_prefixes_and_keep_the_bare_prompt() -> None:
+    model, tok = tiny_llama()
+    req = EditRequest(prompt="Where did Leo Arons die?", target_new="Berlin", subject="Leo Arons")
+    keys = subject_keys(model, tok, 1, [req], ["", "The sky is blue. "])
+    bare = subject_keys(model, tok, 1, [req], [""])
+    # (batched with a longer row, the bare prompt's numbers may differ in the last bits)
+    torch.testing.assert_close(keys.clean, bare.mean)
+    torch.testing.assert_close(keys.clean_out, bare.clean_out)
+    assert not torch.equal(keys.mean, keys.clean)
+
+
+def test_context_prefixes_are_sampled_once_with_a_fixed_seed() -> None:
+    model, tok = tiny_llama()
+    first = context_prefixes(model, tok, 3, 4, seed=0)
+    assert first[0] == "" and len(first) == 4
+    assert all(p.endswith(". ") for p in first[1:])
+    assert context_prefixes(model, tok, 3, 4, seed=0) is first  # cached per model
+    other, _ = tiny_llama()
+    assert context_prefixes(other, tok, 3, 4, seed=0) == first  # same seed, same text
+
+
+def test_rank_one_update_inserts_the_value_exactly() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    x = torch.randn(200, 10, generator=gen, dtype=torch.float64)
+    cov = x.T @ x / 200
+    k_bar, k = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
+    r = torch.randn(6, generator=gen)
+    delta = rank_one_update(k_bar, k, r, cov)
+    assert delta.dtype == torch.float64 and delta.shape == (6, 10)
+    torch.testing.assert_close((w + delta) @ k.double(), w @ k.double() + r.double())
+    # the change lies along C⁻¹ k̄ (rank one)
+    assert float(torch.linalg.svdvals(delta)[1]) < 1e-10
+
+
+def test_least_squares_update_solves_memits_normal_equations() -> None:
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(3, 10, generator=gen)
+    res = torch.randn(3, 6, generator=gen)
+    exact = least_squares_update(keys, res)  # no covariance: interpolates every key
+    torch.testing.assert_close(exact @ keys.double().T, res.double().T)
+    x = torch.randn(100, 10, generator=gen, dtype=torch.float64)
+    cov = 5.0 * x.T @ x / 100
+    delta = least_squares_update(keys, res, cov)
+    k, r = keys.double(), res.double()
+    # the minimiser of ||Δ Kᵀ - Rᵀ||² + tr(Δ C Δᵀ): gradient zero
+    grad = (delta @ k.T - r.T) @ k + delta @ cov
+    assert float(grad.abs().max()) < 1e-9
+
+
+def test_solve_psd_handles_a_singular_matrix() -> None:
+    v = torch.randn(8, 1, dtype=torch.float64)
+    a = v @ v.T  # rank one
+    x = solve_psd(a, v[:, 0])
+    assert bool(torch.isfinite(x).all())
+    torch.testing.assert_close(a @ x, v[:, 0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma2"])
+@pytest.mark.parametrize("subject_first", [False, True])
+def test_prefix_cache_gives_the_same_value_as_full_passes(arch: str, subject_first: bool) -> None:
+    """The cached run feeds far fewer tokens through the model and reaches the same value —
+    also when the subject is the very first token (nothing to cache for that row)."""
+    from memedit.intrinsic import RomeHparams
+    from memedit.intrinsic.compute import lookup_index, mlp_out_name
+    from memedit.intrinsic.values import optimise_value
+
+    from .test_intrinsic_methods import BUILDERS
+
+    model, tok = BUILDERS[arch]()
+    req = EditRequest(
+        prompt="The sky is blue. Where did Leo Arons die ?",
+        target_new="Berlin",
+        subject="Leo Arons",
+    )
+    if subject_first:
+        req = EditRequest(prompt="The capital of France is", target_new="Paris", subject="The")
+        assert lookup_index(tok, "", req) == 0
+    prefixes = ("", "The capital of France is Paris. ", "Q: A: ")
+    emb = model.get_input_embeddings()
+    emb_name = next(n for n, m in model.named_modules() if m is emb)
+    seen: list[int] = []  # tokens through the embedding, per run
+
+    def count(out: torch.Tensor) -> torch.Tensor:
+        seen[-1] += out.shape[0] * out.shape[1]
+        return out
+
+    results = []
+    for use_cache in (False, True):
+        seen.append(0)
+        hp = RomeHparams(v_steps=6, prefix_cache=use_cache, clamp_norm_factor=50.0)
+        with edit_output(model, emb_name, count):
+            results.append(optimise_value(model, tok, req, mlp_out_name(model, 0), prefixes, hp))
+    plain, cached = results
+    assert seen[1] < (0.8 if subject_first else 0.6) * seen[0]
+    assert plain.steps == cached.steps == 6
+    torch.testing.assert_close(cached.init, plain.init, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cached.target, plain.target, rtol=1e-3, atol=1e-5)
+    assert abs(cached.loss - plain.loss) < 1e-3
+    assert abs(cached.nll - plain.nll) < 1e-3
