@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from memedit.counterfactual import CounterfactualPath
+    from memedit.intrinsic import KeyStatistics, WeightDelta
     from memedit.scope import ScopeClassifier
     from memedit.stores.memory import EditMemory
 
@@ -105,6 +106,7 @@ class EditableModel:
         chat_fn: ChatFn | None = None,
         config: RouterConfig | None = None,
         model_name: str | None = None,
+        statistics: KeyStatistics | None = None,
     ) -> None:
         local = model is not None or tokenizer is not None
         if local and chat_fn is not None:
@@ -131,6 +133,10 @@ class EditableModel:
         self.model_name = model_name or (
             str(getattr(model.config, "_name_or_path", "")) if model is not None else ""
         )
+        # where in-weight methods get key statistics (None: memedit.intrinsic's default)
+        self.statistics = statistics
+        self._deltas: dict[str, WeightDelta] = {}  # batch id -> its applied in-weight delta
+        self._restore_weights()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -157,12 +163,12 @@ class EditableModel:
         try:
             scope = load_scope_classifier(progress=progress)
             cf = default_counterfactual_path(lm, tok, progress=progress)
+            return cls(
+                lm, tok, memory=mem, scope=scope, counterfactual=cf, config=config, model_name=name
+            )
         except BaseException:
             mem.close()
             raise
-        return cls(
-            lm, tok, memory=mem, scope=scope, counterfactual=cf, config=config, model_name=name
-        )
 
     @classmethod
     def wrap_chat(
@@ -181,24 +187,35 @@ class EditableModel:
         mem = EditMemory.open(memory, url=url)
         try:
             scope = load_scope_classifier(progress=progress)
+            return cls(memory=mem, scope=scope, chat_fn=chat_fn, config=config)
         except BaseException:
             mem.close()
             raise
-        return cls(memory=mem, scope=scope, chat_fn=chat_fn, config=config)
 
     # ------------------------------------------------------------------ edits
     @property
     def strategies(self) -> tuple[str, ...]:
         """Strategies this wrapped model supports now."""
-        return ("memory",)
+        return ("memory",) if self.model is None else ("memory", "weights")
 
     def edit(
         self,
         requests: EditRequest | Mapping[str, Any] | Sequence[EditRequest | Mapping[str, Any]],
         *,
         strategy: str = "memory",
+        method: str | None = None,
+        hparams: Any = None,
+        **options: Any,
     ) -> list[EditRecord]:
-        """Apply edits; all land (log + index) or none do. Returns one record per request."""
+        """Apply edits; all land (log, index, weights) or none do. Returns one record per
+        request.
+
+        ``strategy="memory"`` (default) stores them for retrieval. ``strategy="weights"``
+        writes them into the model's weights with ``method`` (``rome`` by default; see
+        ``memedit.intrinsic.method_names()``), its hyperparameters given as ``hparams`` (the
+        method's dataclass or a mapping) or as keyword options (``layers=(4,)``); the whole
+        batch is one reversible delta, logged with the edits so a reopened memory restores it.
+        """
         if strategy not in STRATEGIES:
             msg = f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}"
             raise UnsupportedStrategyError(msg)
@@ -210,6 +227,13 @@ class EditableModel:
             )
             raise UnsupportedStrategyError(msg)
         reqs = _as_requests(requests)
+        if strategy == "weights":
+            return self._edit_weights(reqs, method or "rome", hparams, options)
+        if method not in (None, "memory") or hparams is not None or options:
+            given = {"method": method, "hparams": hparams, **options}
+            extra = sorted(k for k, v in given.items() if v is not None and v != "memory")
+            msg = f"the memory strategy takes no method or hyperparameters; got {extra}"
+            raise InvalidRequestError(msg, field=extra[0], value=given[extra[0]])
         records = self.memory.add(reqs, strategy="memory", method="memory")
         prepare = getattr(self.scope, "prepare", None)
         if callable(prepare):  # precompute the edits' side of the scope features now
@@ -217,9 +241,90 @@ class EditableModel:
         log.info("applied %d edit(s) through the memory strategy", len(records))
         return records
 
+    def _edit_weights(
+        self, reqs: list[EditRequest], method: str, hparams: Any, options: Mapping[str, Any]
+    ) -> list[EditRecord]:
+        from memedit.intrinsic import apply_edit
+
+        assert self.model is not None and self.tokenizer is not None
+        if hparams is not None and options:
+            msg = f"give hyperparameters as hparams= or as options, not both: {sorted(options)}"
+            raise InvalidRequestError(msg, field="hparams", value=hparams)
+        delta = apply_edit(
+            method,
+            self.model,
+            self.tokenizer,
+            reqs,
+            hparams or dict(options) or None,
+            stats=self.statistics,
+        )
+        try:
+            blob = delta.to_bytes()
+            payloads: list[bytes | None] = [blob] + [None] * (len(reqs) - 1)
+            records = self.memory.add(reqs, strategy="weights", method=method, payloads=payloads)
+        except BaseException:
+            delta.revert(force=True)
+            raise
+        self._deltas[records[0].batch_id] = delta
+        log.info("applied %d edit(s) in the weights with %s", len(records), method)
+        return records
+
     def rollback(self, edit_id: int) -> EditRecord:
-        """Undo one edit: it no longer influences any answer. Returns its record."""
-        return self.memory.remove(edit_id)
+        """Undo one edit: it no longer influences any answer. Returns its record.
+
+        An in-weight edit is undone with the whole batch it was applied in (one delta), and
+        only when no later in-weight batch is still active (roll those back first): the
+        weights are then restored bit for bit."""
+        record = self.memory.get(edit_id)
+        if record.strategy != "weights" or not record.active:
+            return self.memory.remove(edit_id)
+        active = [r for r in self.memory.list() if r.strategy == "weights"]
+        batch = [r.id for r in active if r.batch_id == record.batch_id]
+        later = sorted({r.batch_id: r.id for r in active if r.id > max(batch)}.values())
+        if later:
+            msg = (
+                f"edit {edit_id} is in the model's weights under later in-weight edits "
+                f"{later}; roll those back first (newest first)"
+            )
+            raise InvalidRequestError(msg, field="edit_id", value=edit_id)
+        delta = self._deltas.get(record.batch_id)
+        if delta is None or not delta.applied:
+            msg = f"the weights of edit {edit_id} are not applied to this model; cannot revert them"
+            raise MemeditError(msg)
+        delta.revert()
+        try:
+            records = self.memory.remove_many(batch)
+        except BaseException:
+            assert self.model is not None
+            delta.apply_to(self.model, check_digest=False)
+            raise
+        del self._deltas[record.batch_id]
+        return records[batch.index(edit_id)]
+
+    def _restore_weights(self) -> None:
+        """Re-apply the logged in-weight edits (oldest first) to a freshly loaded model; each
+        delta checks that it lands on the exact weights it was made on."""
+        from memedit.intrinsic import WeightDelta
+
+        batches: dict[str, int] = {}
+        for r in self.memory.list():
+            if r.strategy == "weights":
+                batches.setdefault(r.batch_id, r.id)
+        if not batches:
+            return
+        if self.model is None:
+            msg = (
+                f"this edit memory holds {len(batches)} in-weight edit batch(es), which need a "
+                "local model; a black-box chat function cannot apply them"
+            )
+            raise UnsupportedStrategyError(msg)
+        for batch_id, first in sorted(batches.items(), key=lambda kv: kv[1]):
+            blob = self.memory.payload(first)
+            if blob is None:
+                msg = f"in-weight edit {first} has no stored weights in the edit log"
+                raise MemeditError(msg)
+            self._deltas[batch_id] = WeightDelta.from_bytes(blob).apply_to(self.model)
+        log.info("restored %d in-weight edit batch(es) from the edit log", len(batches))
 
     def edits(self, *, include_rolled_back: bool = False) -> list[EditRecord]:
         """The applied edits (active only, unless asked)."""
@@ -437,8 +542,9 @@ class EditableModel:
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a self-contained bundle: a manifest and the edit memory (log + index).
-        The base model is referenced by name (its weights are unchanged by the memory
-        strategy); `from_pretrained` reloads it."""
+        The base model is referenced by name; in-weight edits are stored in the log as deltas
+        (only the tensors they changed), and `from_pretrained` reloads the base model and
+        re-applies them, checking each lands on the weights it was made on."""
         out = Path(directory)
         if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
             msg = f"{out} exists and is not a memedit bundle; choose an empty directory"
@@ -460,6 +566,7 @@ class EditableModel:
                 "scope": self.scope.name,
                 "counterfactual": self.counterfactual.name if self.counterfactual else None,
                 "router": asdict(self.config),
+                "weights_batches": len(self._deltas),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
             if out.exists():

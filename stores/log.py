@@ -42,6 +42,9 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 EDITS_TABLE = "memedit_edits"
 META_TABLE = "memedit_meta"
+# Only edits of this strategy are retrieved for queries (and so indexed); the others (in-weight
+# edits, adapters) are logged for persistence and rollback but act through the model itself.
+RETRIEVED_STRATEGY = "memory"
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
@@ -332,20 +335,25 @@ class EditLog:
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
-    def count_active(self, conn: Connection | None = None) -> int:
+    def count_active(self, conn: Connection | None = None, *, strategy: str | None = None) -> int:
+        """Active edits (of one strategy, if given)."""
         if conn is None:
             with self.engine.connect() as c:
-                return self.count_active(c)
+                return self.count_active(c, strategy=strategy)
         query = sa.select(sa.func.count()).select_from(edits)
-        return int(conn.execute(query.where(edits.c.rolled_back_at.is_(None))).scalar_one())
+        query = query.where(edits.c.rolled_back_at.is_(None))
+        if strategy is not None:
+            query = query.where(edits.c.strategy == strategy)
+        return int(conn.execute(query).scalar_one())
 
     def active_vectors(
-        self, conn: Connection, *, chunk: int = 10_000
+        self, conn: Connection, *, strategy: str = RETRIEVED_STRATEGY, chunk: int = 10_000
     ) -> Iterator[list[tuple[int, str, bytes | None]]]:
-        """Active rows as (id, prompt, embedding bytes), in id order, `chunk` rows at a time."""
+        """Active rows of `strategy` as (id, prompt, embedding bytes), in id order, `chunk`
+        rows at a time."""
         query = (
             sa.select(edits.c.id, edits.c.request, edits.c.embedding)
-            .where(edits.c.rolled_back_at.is_(None))
+            .where(edits.c.rolled_back_at.is_(None), edits.c.strategy == strategy)
             .order_by(edits.c.id)
             .execution_options(yield_per=chunk)
         )

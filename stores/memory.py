@@ -36,7 +36,7 @@ from memedit.types import EditRecord, EditRequest, Hit
 
 from .embedders import Embedder, MiniLMEmbedder
 from .index import IndexConfig, VectorIndex, read_index_file, write_index_file
-from .log import EditLog, check_batch_fields
+from .log import RETRIEVED_STRATEGY, EditLog, check_batch_fields
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -158,7 +158,7 @@ class EditMemory:
         """Why a saved index does not match the log ("" if it does)."""
         with self.log.engine.connect() as conn:
             generation = self.log.generation(conn)
-            active = self.log.count_active(conn)
+            active = self.log.count_active(conn, strategy=RETRIEVED_STRATEGY)
         checks = (
             ("log_id", self.log.log_id),
             ("generation", generation),
@@ -319,7 +319,10 @@ class EditMemory:
                         embeddings=embeddings,
                     )
                     ids = [r.id for r in records]
-                    self.index.add(vectors, ids)
+                    if strategy == RETRIEVED_STRATEGY:
+                        self.index.add(vectors, ids)
+                    else:
+                        ids = None
             except BaseException:
                 if ids is not None:
                     self.index.remove(ids)
@@ -331,14 +334,26 @@ class EditMemory:
     def remove(self, edit_id: int) -> EditRecord:
         """Roll one edit back: it is marked in the log and leaves the index. Returns its record
         (with ``rolled_back_at`` set)."""
-        edit_id = _check_id(edit_id)
+        return self.remove_many([edit_id])[0]
+
+    def remove_many(self, edit_ids: Sequence[int]) -> builtins.list[EditRecord]:
+        """Roll several edits back in one transaction: all are marked, or none is (e.g. when
+        one was rolled back before). Returns their records in the order given."""
+        ids = [_check_id(i) for i in edit_ids]
+        if not ids:
+            msg = "remove_many needs at least one edit id"
+            raise InvalidRequestError(msg, field="edit_ids", value=edit_ids)
         with self._lock:
             self._check_open()
+            records: builtins.list[EditRecord] = []
+            generation = 0
             with self.log.engine.begin() as conn:
-                record, generation = self.log.mark_rolled_back(conn, edit_id)
-            self.index.remove([edit_id])
+                for edit_id in ids:
+                    record, generation = self.log.mark_rolled_back(conn, edit_id)
+                    records.append(record)
+            self.index.remove(ids)
             self._advance(generation)
-        return record
+        return records
 
     def get(self, edit_id: int) -> EditRecord:
         """The record of one edit, active or rolled back (`EditNotFoundError` if unknown)."""

@@ -121,8 +121,8 @@ def test_bad_input_writes_nothing(em: EditableModel) -> None:
     assert len(em.memory) == 0
     with pytest.raises(InvalidRequestError):
         em.edit([])
-    with pytest.raises(UnsupportedStrategyError, match="weights"):
-        em.edit(REQ, strategy="weights")
+    with pytest.raises(UnsupportedStrategyError, match="adapter"):
+        em.edit(REQ, strategy="adapter")
     with pytest.raises(UnsupportedStrategyError, match="nonsense"):
         em.edit(REQ, strategy="nonsense")
     with pytest.raises(InvalidRequestError, match="query"):

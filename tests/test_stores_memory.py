@@ -45,7 +45,7 @@ def _rows(m: EditMemory) -> int:
 
 
 def _consistent(m: EditMemory) -> None:
-    active = {r.id for r in m.list()}
+    active = {r.id for r in m.list() if r.strategy == "memory"}  # only these are retrieved
     assert set(m.index.ids().tolist()) == active
     assert len(m) == len(active)
 
@@ -75,6 +75,23 @@ def test_add_search_get_remove(mem: EditMemory) -> None:
     assert len(mem) == 9 and len(mem.list()) == 9
     assert len(mem.list(include_rolled_back=True)) == 10
     _consistent(mem)
+
+
+def test_only_memory_edits_are_retrieved_also_after_a_rebuild(tmp_path: Path) -> None:
+    m = EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder())
+    weights = m.add([_req(1), _req(2)], strategy="weights", method="rome", payloads=[b"d", None])
+    memory = m.add([_req(3)])
+    assert len(m) == 1 and [h.record.id for h in m.search("country1", k=5)] == [memory[0].id]
+    with pytest.raises(AlreadyRolledBackError):  # all or nothing: the first is not marked
+        m.remove_many([weights[0].id, memory[0].id, memory[0].id])
+    assert m.get(weights[0].id).active and len(m) == 1
+    assert [r.id for r in m.remove_many([w.id for w in weights])] == [w.id for w in weights]
+    m.close()
+    (tmp_path / "mem" / INDEX_FILE).unlink()
+    with EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder()) as again:
+        assert len(again) == 1 and again.payload(weights[0].id) == b"d"
+        assert not again.get(weights[1].id).active
+        _consistent(again)
 
 
 def test_bad_input_writes_nothing(mem: EditMemory) -> None:
