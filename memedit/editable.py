@@ -409,11 +409,13 @@ class EditableModel:
         max_new_tokens: int | None = None,
         top_k: int | None = None,
         first_line: bool | None = None,
+        stop_at_eos: bool = True,
     ) -> Answer:
         """Complete `prompt` (raw text, no chat template) with the edits applied: greedy, or
         top-k sampling when ``top_k`` is given (local models only). In-scope answers stop at
         their first line when the counterfactual path answers in a Q/A frame; ``first_line``
-        overrides that (False: the full continuation, e.g. for Fluency)."""
+        overrides that (False: the full continuation, e.g. for Fluency). ``stop_at_eos=False``
+        generates all ``max_new_tokens`` tokens, past any end-of-sequence token."""
         n = max_new_tokens or self.config.max_new_tokens
         if self.model is None:
             return self.chat([{"role": "user", "content": prompt}], max_new_tokens=n)
@@ -424,7 +426,13 @@ class EditableModel:
             cut = decision.in_scope and first_line
         with self.activated(decision):
             out = greedy_generate(
-                self.model, self.tokenizer, text, max_new_tokens=n, top_k=top_k, first_line=cut
+                self.model,
+                self.tokenizer,
+                text,
+                max_new_tokens=n,
+                top_k=top_k,
+                first_line=cut,
+                stop_at_eos=stop_at_eos,
             )
         if cut:
             out = _first_line_of(out)

@@ -89,10 +89,13 @@ def greedy_generate(
     add_special_tokens: bool = True,
     top_k: int | None = None,
     first_line: bool = False,
+    stop_at_eos: bool = True,
 ) -> str:
     """Greedy continuation of `text` (only the new tokens, decoded). ``top_k`` samples from
     the k most likely tokens instead (seed torch first for a reproducible draw); EasyEdit's
-    Fluency generates with ``top_k=5``."""
+    Fluency generates with ``top_k=5``. ``stop_at_eos=False`` generates all
+    ``max_new_tokens`` tokens, past any end-of-sequence token (decoded without it), as
+    EasyEdit's Fluency does."""
     import torch
 
     if max_new_tokens < 1:
@@ -113,6 +116,8 @@ def greedy_generate(
         kwargs.update(top_k=top_k, top_p=1.0, temperature=1.0)
     if first_line:  # the caller keeps only the first line: stop once it is complete
         kwargs["stopping_criteria"] = [first_line_stop(tokenizer, enc["input_ids"].shape[1])]
+    if not stop_at_eos:  # an empty list: no token ends the sequence (None means "default")
+        kwargs["eos_token_id"] = []
     with torch.inference_mode():
         out = model.generate(**enc, **kwargs)  # type: ignore[operator]
     new = out[0, enc["input_ids"].shape[1] :]

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from memedit import EditRequest
 from memedit.editable import EditableModel, RouterConfig
 from memedit.generation import batch_generate, greedy_generate
@@ -77,3 +79,26 @@ def test_an_edit_prompt_asked_verbatim_is_always_in_scope(tmp_path: Path) -> Non
         assert not em.route("The sky is").in_scope
         answers = em.generate_batch([req.prompt, "The sky is"], max_new_tokens=[2, 2])
         assert [a.decision.in_scope for a in answers] == [True, False]
+
+
+def test_generation_can_run_past_the_end_of_sequence_token() -> None:
+    model, tok = tiny_llama()
+    calls = {"n": 0}
+
+    def eos_first(_module: object, _inputs: object, logits: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first new token is the end-of-sequence token
+            logits = logits.clone()
+            logits[..., -1, tok.eos_token_id] += 1e4
+        return logits
+
+    handle = model.lm_head.register_forward_hook(eos_first)
+    try:
+        stopped = greedy_generate(model, tok, "The sky is", max_new_tokens=6)
+        calls["n"] = 0
+        full = greedy_generate(model, tok, "The sky is", max_new_tokens=6, stop_at_eos=False)
+    finally:
+        handle.remove()
+    assert stopped == ""  # ended at once
+    # five more tokens follow the end-of-sequence token (which is not decoded)
+    assert full and full == greedy_generate(model, tok, "The sky is</s>", max_new_tokens=5)

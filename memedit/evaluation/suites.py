@@ -33,13 +33,15 @@ class EvalOptions:
     """Knobs shared by all suites. ``fluency_tokens``: length of the text Fluency scores,
     prompt included (EasyEdit's ``max_out_len=100``); ``fluency_top_k``: EasyEdit samples that
     text from the top 5 tokens (seeded per record here), None = greedy; ``generation`` also
-    judges answers on real greedy generation (slower, more honest)."""
+    judges answers on real greedy generation (slower, more honest), each given its longest
+    expected answer's length plus ``gen_margin`` new tokens, at most ``max_gen_tokens`` (high
+    enough for WikiBio's sentence-long targets)."""
 
     fluency_tokens: int = 100
     fluency_top_k: int | None = 5
     generation: bool = True
     gen_margin: int = 4
-    max_gen_tokens: int = 32
+    max_gen_tokens: int = 96
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,9 +107,11 @@ def _generate_all(
 
 def fluency_of(em: EditableModel, prompt: str, opts: EvalOptions) -> float:
     """KnowEdit's Fluency of one prompt (×100): n-gram entropy of the prompt continued by the
-    wrapper until ``opts.fluency_tokens`` tokens (prompt included), as EasyEdit scores it. The
-    continuation is not cut at the first line for in-scope prompts: the entropy of a text
-    grows with its length, so a one-line answer would score low for being short."""
+    wrapper until ``opts.fluency_tokens`` tokens (prompt included), as EasyEdit scores it:
+    top-k sampling that runs on past end-of-sequence tokens (EasyEdit's generator has no stop
+    token). The continuation is not cut at the first line for in-scope prompts either: the
+    entropy of a text grows with its length, so a short answer would score low for being
+    short, not for being disfluent."""
     from memedit.metrics_generation import fluency_score, fluency_text, text_n_gram_entropy
 
     assert em.tokenizer is not None
@@ -115,7 +119,11 @@ def fluency_of(em: EditableModel, prompt: str, opts: EvalOptions) -> float:
     cont = ""
     if budget > 0:
         cont = em.generate(
-            prompt, max_new_tokens=budget, top_k=opts.fluency_top_k, first_line=False
+            prompt,
+            max_new_tokens=budget,
+            top_k=opts.fluency_top_k,
+            first_line=False,
+            stop_at_eos=False,
         ).text
     return fluency_score([text_n_gram_entropy(fluency_text(prompt, cont))])
 
