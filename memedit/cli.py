@@ -106,8 +106,22 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             _out("memedit edit: give --prompt and --target (or --file)")
             return 2
         requests = [EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject)]
-    with EditMemory.open(args.memory, url=args.url) as mem:
-        records = mem.add(requests)
+    if args.strategy == "weights":
+        from memedit.editable import EditableModel
+        from memedit.evaluation.strategies import parse_strategy
+
+        spec = parse_strategy(
+            f"weights:{args.method}" + (f"@{args.options}" if args.options else "")
+        )
+        options = dict(spec.config().get("options", {}))
+        with EditableModel.load(args.model, memory=args.memory, url=args.url) as em:
+            records = em.edit(requests, strategy="weights", method=args.method, **options)
+    else:
+        if args.method or args.options:
+            _out("memedit edit: --method and --options apply to --strategy weights only")
+            return 2
+        with EditMemory.open(args.memory, url=args.url) as mem:
+            records = mem.add(requests)
     for r in records:
         _out(f"#{r.id}: {r.request.fact}")
     return 0
@@ -118,7 +132,8 @@ def _cmd_edits(args: argparse.Namespace) -> int:
 
     with EditMemory.open(args.memory, url=args.url) as mem:
         for r in mem.list(include_rolled_back=args.all):
-            _out(f"#{r.id} [{r.status}] {r.request.fact}")
+            how = r.strategy if r.strategy == "memory" else f"{r.strategy}:{r.method}"
+            _out(f"#{r.id} [{r.status}] ({how}) {r.request.fact}")
     return 0
 
 
@@ -126,7 +141,14 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from memedit.stores.memory import EditMemory
 
     with EditMemory.open(args.memory, url=args.url) as mem:
-        r = mem.remove(args.edit_id)
+        in_weights = mem.get(args.edit_id).strategy == "weights"
+        if not in_weights:
+            r = mem.remove(args.edit_id)
+    if in_weights:  # undone on the model, newest batch first, through the wrapper
+        from memedit.editable import EditableModel
+
+        with EditableModel.load(args.model, memory=args.memory, url=args.url) as em:
+            r = em.rollback(args.edit_id)
     _out(f"rolled back #{r.id}: {r.request.fact}")
     return 0
 
@@ -217,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--target")
     edit.add_argument("--subject", default="")
     edit.add_argument("--file", help="JSON file with one request or a list of them")
+    edit.add_argument(
+        "--strategy",
+        choices=("memory", "weights"),
+        default="memory",
+        help="memory (retrieved at query time) or weights (written into the model's weights)",
+    )
+    edit.add_argument("--method", default="", help="in-weight method: rome (default), memit, alphaedit, ft-m, ft-l")
+    edit.add_argument("--options", default="", help="method options, e.g. 'layers=4;v_lr=0.5'")
+    edit.add_argument("--model", default=None, help="model for --strategy weights")
     edit.set_defaults(fn=_cmd_edit)
 
     edits = sub.add_parser("edits", help="list a memory's edits")
@@ -227,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="undo one edit")
     memory_args(rb)
     rb.add_argument("edit_id", type=int)
+    rb.add_argument("--model", default=None, help="model of an in-weight edit")
     rb.set_defaults(fn=_cmd_rollback)
 
     ev = sub.add_parser("eval", help="KnowEdit evaluation of editing strategies")
