@@ -245,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="memory",
         help="memory (retrieved at query time) or weights (written into the model's weights)",
     )
-    edit.add_argument("--method", default="", help="in-weight method: rome (default), memit, alphaedit, ft-m, ft-l")
+    edit.add_argument(
+        "--method",
+        default="",
+        help="in-weight method: rome (default), memit, alphaedit, ft-m, ft-l",
+    )
     edit.add_argument("--options", default="", help="method options, e.g. 'layers=4;v_lr=0.5'")
     edit.add_argument("--model", default=None, help="model for --strategy weights")
     edit.set_defaults(fn=_cmd_edit)
