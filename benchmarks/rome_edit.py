@@ -44,6 +44,7 @@ def run_layer(
         n_prefixes=args.n_prefixes,
         v_steps=args.v_steps,
         v_lr=args.v_lr,
+        neighbour_templates=tuple(t for t in args.neighbours.split("|") if t),
         **extra,  # type: ignore[arg-type]
     )
     start = time.perf_counter()
@@ -100,6 +101,11 @@ def main() -> None:
     ap.add_argument("--v-steps", type=int, default=20)
     ap.add_argument("--v-lr", type=float, default=2.0)
     ap.add_argument("--hp", action="append", default=[], help="RomeHparams FIELD=NUMBER")
+    ap.add_argument("--split", default="dev", help="dev, or train (to tune without dev)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    ap.add_argument(
+        "--neighbours", default="", help="neighbour KL templates, '|'-separated ({} = subject)"
+    )
     ap.add_argument("--fresh-stats", action="store_true", help="time statistics in a temp cache")
     args = ap.parse_args()
 
@@ -111,7 +117,8 @@ def main() -> None:
     from memedit.models import load_model
 
     model, tok = load_model(args.model)
-    requests = load_requests(args.dataset, limit=args.limit)
+    requests = load_requests(args.dataset, split=args.split, limit=args.offset + args.limit)
+    requests = requests[args.offset :]
     layers = (
         [int(x) for x in args.layers.split(",")]
         if args.layers
@@ -120,10 +127,12 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory() if args.fresh_stats else None
     stats = KeyStatistics(root=tmp.name if tmp else None, progress=False)
     print(
-        f"model {args.model}; {args.dataset} dev, first {len(requests)} requests; "
+        f"model {args.model}; {args.dataset} {args.split}, "
+        f"{len(requests)} requests from #{args.offset}; "
         f"torch threads {torch.get_num_threads()}; statistics: {stats.source.identity}, "
         f"up to {args.stats_tokens} tokens; {args.n_prefixes} sampled prefixes; "
-        f"v_steps {args.v_steps}, v_lr {args.v_lr} {' '.join(args.hp)}"
+        f"v_steps {args.v_steps}, v_lr {args.v_lr} {' '.join(args.hp)}; "
+        f"neighbours {args.neighbours!r}"
     )
     print()
     print(

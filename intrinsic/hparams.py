@@ -93,9 +93,12 @@ class ValueHparams:
     the edited module's output at the subject's last token of ``prefix + prompt`` for every
     context prefix, minimising the target's NLL + ``kl_factor`` x KL of the next-token
     distribution after ``"{subject} is a"`` from its unedited value (the subject's "essence") +
-    ``v_weight_decay`` x ||delta|| / ||v0||²; delta is kept within ``clamp_norm_factor`` x
-    ||v0||. It stops early once the target's NLL is below ``early_stop_loss`` (ROME tests the
-    whole loss; on a small model the KL term alone often stays above the threshold).
+    ``neighbour_factor`` x the summed KL of the next-token distributions after each of
+    ``neighbour_templates`` (other questions about the same subject, e.g. "The country of
+    {} is", read after their last token) + ``v_weight_decay`` x ||delta|| / ||v0||²; delta
+    is kept within ``clamp_norm_factor`` x ||v0||. It stops early once the target's NLL is
+    below ``early_stop_loss`` (ROME tests the whole loss; on a small model the KL term alone
+    often stays above the threshold).
 
     Context prefixes: the bare prompt plus ``n_prefixes`` texts sampled from the model itself
     (top-5 sampling, seed ``prefix_seed``, ``prefix_tokens`` new tokens after one of EasyEdit's
@@ -114,6 +117,8 @@ class ValueHparams:
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
+    neighbour_templates: tuple[str, ...] = ()
+    neighbour_factor: float = 0.0
     early_stop_loss: float = 0.05
     n_prefixes: int = 4
     prefix_tokens: int = 5
@@ -129,6 +134,19 @@ class ValueHparams:
         check_float(owner, "v_weight_decay", self.v_weight_decay)
         check_float(owner, "clamp_norm_factor", self.clamp_norm_factor)
         check_float(owner, "kl_factor", self.kl_factor)
+        check_float(owner, "neighbour_factor", self.neighbour_factor)
+        templates = self.neighbour_templates
+        if isinstance(templates, str):
+            templates = (templates,)
+        if not isinstance(templates, (tuple, list)) or not all(
+            isinstance(t, str) and t.count("{}") == 1 for t in templates
+        ):
+            msg = (
+                f"{owner}.neighbour_templates must be texts each holding one '{{}}' for the "
+                f"subject, got {self.neighbour_templates!r}"
+            )
+            raise InvalidRequestError(msg, field="neighbour_templates", value=templates)
+        object.__setattr__(self, "neighbour_templates", tuple(templates))
         check_float(owner, "early_stop_loss", self.early_stop_loss)
         check_int(owner, "n_prefixes", self.n_prefixes, minimum=0)
         check_int(owner, "prefix_tokens", self.prefix_tokens, minimum=1)

@@ -185,20 +185,36 @@ def optimise_value(
         raise InvalidRequestError(msg, field="prefixes", value=prefixes)
     device = model_device(model)
     cols = [lookup_index(tokenizer, p, request) for p in prefixes]
-    essence: list[list[int]] = []
-    if bool(request.subject) and hp.kl_factor > 0:
-        text = f"{request.subject} is a"
-        essence.append(encode(tokenizer, text))
-        cols.append(subject_token_index(tokenizer, text, 0, len(request.subject)))
+    # Rows whose next-token distributions must not move: ROME's "essence" ("{subject} is a",
+    # read after the subject) and the neighbour prompts (read after their last token).
+    keep_rows: list[list[int]] = []
+    read_at: list[int] = []
+    weights: list[float] = []
+    if request.subject:
+        texts = [("{} is a", hp.kl_factor, True)] + [
+            (t, hp.neighbour_factor, False) for t in hp.neighbour_templates
+        ]
+        for template, factor, at_subject in texts:
+            if factor <= 0:
+                continue
+            text = template.format(request.subject)
+            ids = encode(tokenizer, text)
+            start = template.index("{}")
+            col = subject_token_index(tokenizer, text, start, start + len(request.subject))
+            keep_rows.append(ids)
+            cols.append(col)
+            read_at.append(col if at_subject else len(ids) - 1)
+            weights.append(factor)
     batch = target_batch(
         tokenizer,
         [(p + request.prompt, request.target_new) for p in prefixes],
         device,
-        extra_rows=essence,
-        extra_keep=cols[len(prefixes) :],
+        extra_rows=keep_rows,
+        extra_keep=read_at,
     )
     rows = _rows(model, batch.ids, batch.mask, batch.keep, cols, hp.prefix_cache, pad_id(tokenizer))
-    kl_at = int(batch.flat[len(prefixes), cols[-1]]) if essence else -1
+    kl_at = [int(batch.flat[len(prefixes) + j, pos]) for j, pos in enumerate(read_at)]
+    kl_weight = torch.tensor(weights, device=device)
 
     state: dict[str, Any] = {"delta": None, "init": None}
 
@@ -230,11 +246,12 @@ def optimise_value(
             nll = batch.nll(logp).mean()
             delta, init = state["delta"], state["init"]
             loss = nll + hp.v_weight_decay * delta.norm() / init.norm().clamp_min(1e-12) ** 2
-            if essence:
+            if kl_at:
                 cur = logp[kl_at]
                 if kl_init is None:
                     kl_init = cur.detach().clone()
-                loss = loss + hp.kl_factor * (cur.exp() * (cur - kl_init)).sum()
+                kl = (cur.exp() * (cur - kl_init)).sum(dim=-1)
+                loss = loss + (kl_weight * kl).sum()
             loss_v, nll_v = float(loss.detach()), float(nll.detach())
             logger.debug("value step %d: loss %.4f nll %.4f", step, loss_v, nll_v)
             if nll_v < hp.early_stop_loss or step == hp.v_steps - 1:

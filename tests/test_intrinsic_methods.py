@@ -278,3 +278,27 @@ def test_default_layer_and_metadata(stats: KeyStatistics) -> None:
         {"prompt": REQUEST.prompt, "target_new": "Paris", "subject": "Leo Arons"}
     ]
     assert delta.info["value_steps"] == [2]
+
+
+def test_neighbour_prompts_enter_the_value_loss(stats: KeyStatistics) -> None:
+    """Neighbour templates add the KL of their next-token distributions to ROME's value loss
+    (how much that helps locality is measured on the real model: benchmarks/rome_edit.py)."""
+
+    def losses(factor: float) -> tuple[float, float]:
+        model, tok = tiny_llama()
+        hp = {
+            **ROME_HP,
+            "kl_factor": 0.0,  # v_weight_decay is 0 too: the loss is the NLL plus neighbours
+            "neighbour_templates": ("Where did {}",),
+            "neighbour_factor": factor,
+        }
+        info = apply_edit("rome", model, tok, [REQUEST], hp, stats=stats).info
+        return info["value_loss"][0], info["value_nll"][0]
+
+    loss, nll = losses(0.0)
+    assert loss == nll
+    loss, nll = losses(10.0)
+    assert loss > nll + 1e-3
+    with pytest.raises(InvalidRequestError, match="neighbour_templates") as bad:
+        RomeHparams(neighbour_templates=("no placeholder",))
+    assert bad.value.field == "neighbour_templates"
