@@ -1,4 +1,4 @@
-"""In-weight edits (FT-L/FT-M, ROME; MEMIT and AlphaEdit next): the `weights` strategy.
+"""In-weight edits (FT-L/FT-M, ROME, MEMIT, AlphaEdit): the `weights` strategy.
 
     from memedit.intrinsic import apply_edit
     delta = apply_edit("rome", model, tokenizer, [request])   # a WeightDelta
@@ -11,25 +11,32 @@ Importing this package does not import torch. Methods register themselves on imp
 
 from __future__ import annotations
 
+from . import alphaedit as _alphaedit  # noqa: F401  (registers alphaedit)
 from . import ft as _ft  # noqa: F401  (registers ft-l, ft-m)
+from . import memit as _memit  # noqa: F401  (registers memit)
 from . import rome as _rome  # noqa: F401  (registers rome)
+from .alphaedit import AlphaEditHparams, AlphaEditState
 from .api import EditContext, apply_edit, get_method, method_names, register_method
 from .delta import WeightDelta
 from .digest import model_digest
 from .errors import BaseModelMismatchError, DeltaStateError, NonFiniteUpdateError
 from .ft import FtLHparams, FtMHparams
 from .hparams import DEFAULT_LAYERS, ValueHparams
+from .memit import MemitHparams
 from .rome import RomeHparams
 from .stats import KeyStatistics, TextList, TextSource, WikiBioPassages, default_statistics
 
 __all__ = [
     "DEFAULT_LAYERS",
+    "AlphaEditHparams",
+    "AlphaEditState",
     "BaseModelMismatchError",
     "DeltaStateError",
     "EditContext",
     "FtLHparams",
     "FtMHparams",
     "KeyStatistics",
+    "MemitHparams",
     "NonFiniteUpdateError",
     "RomeHparams",
     "TextList",

@@ -38,7 +38,9 @@ H = TypeVar("H")
 #: on the first ZsRE dev records: 3 and 5 edit best, 5 keeps the most locality; 11
 #: generalises to rephrasings best but loses the most locality).
 DEFAULT_LAYERS: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {
-    ("llama", 30, 576): {"rome": (5,)},
+    # SmolLM2-135M. MEMIT/AlphaEdit: layers 3-7 (benchmarks/memit_edit.py --limit 20, one
+    # batch, λ 5000: 2-5 edits less (Edit Succ. 91 vs 97), 4-8 keeps less locality (48 vs 51))
+    ("llama", 30, 576): {"rome": (5,), "memit": (3, 4, 5, 6, 7)},
 }
 #: Fine-tuning's fallback depth (EasyEdit's FT-L/FT-M tune layer 21 of Llama-2-7B's 32).
 FT_DEPTH = 0.66
