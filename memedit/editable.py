@@ -136,6 +136,9 @@ class EditableModel:
         # where in-weight methods get key statistics (None: memedit.intrinsic's default)
         self.statistics = statistics
         self._deltas: dict[str, WeightDelta] = {}  # batch id -> its applied in-weight delta
+        # per in-weight method with a sequential state (AlphaEdit): the state of this model's
+        # sequence, in this process (a reopened memory starts a new sequence)
+        self._method_states: dict[str, Any] = {}
         self._restore_weights()
 
     # ------------------------------------------------------------------ construction
@@ -244,12 +247,18 @@ class EditableModel:
     def _edit_weights(
         self, reqs: list[EditRequest], method: str, hparams: Any, options: Mapping[str, Any]
     ) -> list[EditRecord]:
-        from memedit.intrinsic import apply_edit
+        from memedit.intrinsic import apply_edit, get_method
 
         assert self.model is not None and self.tokenizer is not None
         if hparams is not None and options:
             msg = f"give hyperparameters as hparams= or as options, not both: {sorted(options)}"
             raise InvalidRequestError(msg, field="hparams", value=hparams)
+        # a method with a sequential state (AlphaEdit's preserved keys) continues this model's
+        state_type = get_method(method).state
+        state = before = None
+        if state_type is not None:
+            state = self._method_states.setdefault(method, state_type())
+            before = state.copy()
         delta = apply_edit(
             method,
             self.model,
@@ -257,6 +266,7 @@ class EditableModel:
             reqs,
             hparams or dict(options) or None,
             stats=self.statistics,
+            state=state,
         )
         try:
             blob = delta.to_bytes()
@@ -264,6 +274,8 @@ class EditableModel:
             records = self.memory.add(reqs, strategy="weights", method=method, payloads=payloads)
         except BaseException:
             delta.revert(force=True)
+            if before is not None:
+                self._method_states[method] = before
             raise
         self._deltas[records[0].batch_id] = delta
         log.info("applied %d edit(s) in the weights with %s", len(records), method)

@@ -201,3 +201,26 @@ def test_evaluator_strategy_spec_reaches_the_weights_strategy(em: EditableModel)
     assert not _same(em.model, base)
     applied.revert()
     assert _same(em.model, base)
+
+
+def test_alphaedit_continues_one_state_across_edits(tmp_path: Path) -> None:
+    from .test_intrinsic_memit import BATCH, HP, LATER, MIXED
+
+    model, tok = tiny_llama()
+    with tempfile.TemporaryDirectory() as root:
+        stats = KeyStatistics(MIXED, root=root, progress=False)
+        mem = EditMemory.open(tmp_path / "a", embedder=HashingEmbedder())
+        with _wrap(model, tok, mem, stats) as em:
+            base = _snapshot(model)
+            first = em.edit(
+                list(BATCH), strategy="weights", method="alphaedit", hparams=HP["alphaedit"]
+            )
+            state = em._method_states["alphaedit"]
+            assert state.requests == 3
+            (later,) = em.edit(
+                LATER, strategy="weights", method="alphaedit", hparams=HP["alphaedit"]
+            )
+            assert em._method_states["alphaedit"].requests == 4  # the same sequence continued
+            em.rollback(later.id)
+            em.rollback(first[0].id)
+            assert _same(model, base)
