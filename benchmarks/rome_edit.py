@@ -38,18 +38,20 @@ def run_layer(
     from memedit.metrics import locality_agreement, predicted_tokens, teacher_forced_accuracy
 
     extra = {k: float(v) for k, v in (item.split("=", 1) for item in args.hp)}
-    hp = RomeHparams(
-        layers=(layer,),
-        stats_tokens=args.stats_tokens,
-        n_prefixes=args.n_prefixes,
-        v_steps=args.v_steps,
-        v_lr=args.v_lr,
-        neighbour_templates=tuple(t for t in args.neighbours.split("|") if t),
-        **extra,  # type: ignore[arg-type]
-    )
+    given: dict[str, Any] = {
+        "stats_tokens": args.stats_tokens,
+        "n_prefixes": args.n_prefixes,
+        "v_steps": args.v_steps,
+        "v_lr": args.v_lr,
+        "neighbour_templates": (
+            None if args.neighbours is None else tuple(t for t in args.neighbours.split("|") if t)
+        ),
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    hp = RomeHparams(layers=(layer,), **options, **extra)
     start = time.perf_counter()
     loaded_before = stats.loaded
-    stats.second_moment(model, tok, layer, args.stats_tokens)
+    stats.second_moment(model, tok, layer, hp.stats_tokens)
     stats_s = time.perf_counter() - start
     stats_note = (
         "cached"
@@ -57,6 +59,7 @@ def run_layer(
         else f"{stats.last_tokens} tokens in {stats_s:.1f} s"
     )
     t0 = time.perf_counter()
+    notes.append(f"layer {layer}: {hp}")
     prefixes = context_prefixes(model, tok, hp.n_prefixes, hp.prefix_tokens, hp.prefix_seed)
     prefix_s = time.perf_counter() - t0
     name = mlp_out_name(model, layer) + ".weight"
@@ -96,15 +99,17 @@ def main() -> None:
     ap.add_argument("--dataset", default="ZsRE")
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--layers", default=None, help="comma-separated (default: the model's)")
-    ap.add_argument("--stats-tokens", type=int, default=100_000)
-    ap.add_argument("--n-prefixes", type=int, default=4)
-    ap.add_argument("--v-steps", type=int, default=20)
-    ap.add_argument("--v-lr", type=float, default=2.0)
+    ap.add_argument("--stats-tokens", type=int, default=None, help="default: RomeHparams'")
+    ap.add_argument("--n-prefixes", type=int, default=None)
+    ap.add_argument("--v-steps", type=int, default=None)
+    ap.add_argument("--v-lr", type=float, default=None)
     ap.add_argument("--hp", action="append", default=[], help="RomeHparams FIELD=NUMBER")
     ap.add_argument("--split", default="dev", help="dev, or train (to tune without dev)")
     ap.add_argument("--offset", type=int, default=0, help="skip this many records first")
     ap.add_argument(
-        "--neighbours", default="", help="neighbour KL templates, '|'-separated ({} = subject)"
+        "--neighbours",
+        default=None,
+        help="neighbour KL templates, '|'-separated ({} = subject); '' = none",
     )
     ap.add_argument("--fresh-stats", action="store_true", help="time statistics in a temp cache")
     args = ap.parse_args()
@@ -130,9 +135,7 @@ def main() -> None:
         f"model {args.model}; {args.dataset} {args.split}, "
         f"{len(requests)} requests from #{args.offset}; "
         f"torch threads {torch.get_num_threads()}; statistics: {stats.source.identity}, "
-        f"up to {args.stats_tokens} tokens; {args.n_prefixes} sampled prefixes; "
-        f"v_steps {args.v_steps}, v_lr {args.v_lr} {' '.join(args.hp)}; "
-        f"neighbours {args.neighbours!r}"
+        "hyperparameters: RomeHparams defaults, overridden by the options given (see below)"
     )
     print()
     print(
