@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export MEMEDIT_TEST_PG_URL
 
-.PHONY: venv demo test lint typecheck unit bench eval clean
+.PHONY: venv demo test lint typecheck unit bench eval eval-weights results clean
 
 venv: $(VENV)/.installed
 
@@ -56,8 +56,22 @@ eval: venv
 		--out $(EVAL_DIR)/knowedit-unedited
 	$(BIN)/memedit eval --dataset ZsRE --strategies memory --limit 100 --sequential 100 \
 		--checkpoints 1,10,50,100 --fluency-tokens 0 --out $(EVAL_DIR)/zsre-sequential
+	$(MAKE) results
+
+# In-weight runs (issue #4): ROME and FT-M on the first 200 ZsRE and WikiData_counterfact dev
+# records, teacher-forced metrics and Fluency (no generation judging). ~1 h per run on one
+# core of this 2-core CPU; interrupted runs resume.
+WEIGHTS_LIMIT ?= 200
+eval-weights: venv
+	for m in rome ft-m; do for d in ZsRE WikiData_counterfact; do \
+		$(BIN)/memedit eval --dataset $$d --strategies weights:$$m --limit $(WEIGHTS_LIMIT) \
+			--no-generation --out $(EVAL_DIR)/weights-$$m-$$d || exit 1; done; done
+	$(MAKE) results
+
+results: venv
 	$(BIN)/memedit results $(EVAL_DIR)/knowedit $(EVAL_DIR)/knowedit-unedited \
-		$(EVAL_DIR)/zsre-sequential --write RESULTS.md --notes $(EVAL_DIR)/NOTES.md
+		$(EVAL_DIR)/zsre-sequential $(wildcard $(EVAL_DIR)/weights-*) --write RESULTS.md \
+		--notes $(EVAL_DIR)/NOTES.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
