@@ -181,16 +181,28 @@ def test_prefix_cache_gives_the_same_value_as_full_passes(arch: str, subject_fir
         seen[-1] += out.shape[0] * out.shape[1]
         return out
 
-    results = []
-    for use_cache in (False, True):
-        seen.append(0)
-        hp = RomeHparams(v_steps=6, prefix_cache=use_cache, clamp_norm_factor=50.0)
-        with edit_output(model, emb_name, count):
-            results.append(optimise_value(model, tok, req, mlp_out_name(model, 0), prefixes, hp))
-    plain, cached = results
-    assert seen[1] < (0.8 if subject_first else 0.6) * seen[0]
-    assert plain.steps == cached.steps == 6
-    torch.testing.assert_close(cached.init, plain.init, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(cached.target, plain.target, rtol=1e-3, atol=1e-5)
-    assert abs(cached.loss - plain.loss) < 1e-3
-    assert abs(cached.nll - plain.nll) < 1e-3
+    # without neighbour prompts (the savings bound is about the context prefixes), then with
+    # RomeHparams' default ones (rows whose subject comes first save nothing, but must agree)
+    for neighbours in ((), RomeHparams().neighbour_templates):
+        results = []
+        for use_cache in (False, True):
+            seen.append(0)
+            hp = RomeHparams(
+                v_steps=6,
+                prefix_cache=use_cache,
+                clamp_norm_factor=50.0,
+                neighbour_templates=neighbours,
+            )
+            with edit_output(model, emb_name, count):
+                results.append(
+                    optimise_value(model, tok, req, mlp_out_name(model, 0), prefixes, hp)
+                )
+        plain, cached = results
+        if not neighbours:
+            assert seen[-1] < (0.8 if subject_first else 0.6) * seen[-2]
+        assert seen[-1] < seen[-2]
+        assert plain.steps == cached.steps == 6
+        torch.testing.assert_close(cached.init, plain.init, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(cached.target, plain.target, rtol=1e-3, atol=1e-5)
+        assert abs(cached.loss - plain.loss) < 1e-3
+        assert abs(cached.nll - plain.nll) < 1e-3
