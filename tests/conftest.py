@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,23 @@ def knowedit() -> Path:
     from memedit.paths import knowedit_dir
 
     return knowedit_dir()
+
+
+@pytest.fixture(scope="session")
+def parts() -> dict[str, Any]:
+    """The packaged default model, its tokenizer, the scope classifier and the counterfactual
+    path, loaded once for the integration tests (a test that edits the weights restores them)."""
+    from memedit.counterfactual import default_counterfactual_path
+    from memedit.models import load_model
+    from memedit.scope import load_scope_classifier
+
+    model, tok = load_model()
+    return {
+        "model": model,
+        "tok": tok,
+        "scope": load_scope_classifier(progress=False),
+        "cf": default_counterfactual_path(model, tok, progress=False),
+    }
 
 
 def _pg_url() -> str | None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from memedit import EditRequest, InvalidRequestError
 from memedit.editable import EditableModel, RouterConfig, UnsupportedStrategyError
@@ -22,6 +21,7 @@ from memedit.stores.embedders import HashingEmbedder
 from memedit.stores.memory import EditMemory
 
 from .test_editable import MarkerPath, OverlapScope
+from .test_intrinsic_methods import _same, _snapshot
 from .tiny import tiny_llama
 
 FT = {"layer": 1, "lr": 1e-2, "steps": 5}
@@ -59,14 +59,6 @@ def em(tmp_path: Path, stats: KeyStatistics) -> Iterator[EditableModel]:
     )
     yield wrapped
     wrapped.close()
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in model.state_dict().items()}
-
-
-def _same(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(t, snap[n]) for n, t in model.state_dict().items())
 
 
 def _loglik(em: EditableModel, req: EditRequest) -> float:

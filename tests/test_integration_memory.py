@@ -18,21 +18,6 @@ from memedit.generation import greedy_generate
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def parts() -> dict[str, Any]:
-    from memedit.counterfactual import default_counterfactual_path
-    from memedit.models import load_model
-    from memedit.scope import load_scope_classifier
-
-    model, tok = load_model()
-    return {
-        "model": model,
-        "tok": tok,
-        "scope": load_scope_classifier(progress=False),
-        "cf": default_counterfactual_path(model, tok, progress=False),
-    }
-
-
 def _wrap(parts: dict[str, Any], path: Path) -> EditableModel:
     from memedit.stores.memory import EditMemory
 

@@ -21,25 +21,11 @@ from memedit.intrinsic import model_digest
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def parts() -> dict[str, Any]:
-    from memedit.counterfactual import default_counterfactual_path
-    from memedit.models import load_model
-    from memedit.scope import load_scope_classifier
-
-    model, tok = load_model()
-    return {
-        "model": model,
-        "tok": tok,
-        "scope": load_scope_classifier(progress=False),
-        "cf": default_counterfactual_path(model, tok, progress=False),
-        "digest": model_digest(model),
-    }
-
-
 @pytest.fixture
 def em(parts: dict[str, Any], tmp_path: Path) -> Iterator[EditableModel]:
     from memedit.stores.memory import EditMemory
+
+    digest = model_digest(parts["model"])
 
     wrapped = EditableModel(
         parts["model"],
@@ -51,7 +37,7 @@ def em(parts: dict[str, Any], tmp_path: Path) -> Iterator[EditableModel]:
     )
     yield wrapped
     wrapped.close()
-    assert model_digest(parts["model"]) == parts["digest"], "a test left the weights edited"
+    assert model_digest(parts["model"]) == digest, "a test left the weights edited"
 
 
 def test_rome_edit_flips_the_answer_persists_and_rolls_back_bit_for_bit(

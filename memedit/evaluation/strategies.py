@@ -10,7 +10,6 @@ Other strategies can be plugged in with :func:`register_strategy`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -155,15 +154,8 @@ def parse_strategy(spec: str) -> EvalStrategy:
 
 def weights_digest(model: Any) -> str:
     """sha256 over every parameter and buffer (names, dtypes, shapes and bytes): equal digests
-    before an edit and after its revert mean the weights were restored bit for bit."""
-    import torch
+    before an edit and after its revert mean the weights were restored bit for bit. The same
+    digest as ``memedit.intrinsic.model_digest`` (memoised while the weights do not change)."""
+    from memedit.intrinsic import model_digest
 
-    h = hashlib.sha256()
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for name, t in tensors:
-        data = t.detach()
-        h.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-        if data.dtype == torch.bfloat16:
-            data = data.view(torch.int16)
-        h.update(memoryview(data.contiguous().cpu().numpy()).cast("B"))
-    return h.hexdigest()
+    return model_digest(model)
