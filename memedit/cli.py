@@ -171,6 +171,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         sequential=args.sequential,
         checkpoints=tuple(int(c) for c in _csv(args.checkpoints or "")),
+        edit_batch=args.edit_batch,
         out=args.out,
         seed=args.seed,
         workers=args.workers,
@@ -287,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="let T edits accumulate and score all of them (lifelong mode)",
     )
     ev.add_argument("--checkpoints", default=None, help="T values of the sequential curve")
+    ev.add_argument(
+        "--edit-batch",
+        type=int,
+        default=1,
+        metavar="B",
+        help="sequential mode: apply the records B at a time (one batched edit each)",
+    )
     ev.add_argument("--out", default="eval-out", help="output directory (resumable)")
     ev.add_argument("--workers", type=int, default=1, help="worker processes (a GPU each)")
     ev.add_argument("--seed", type=int, default=0)

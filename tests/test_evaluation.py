@@ -234,6 +234,42 @@ def test_sequential_mode_scores_all_edits_so_far_at_each_checkpoint(
     assert "sequential, memory" in paths["md"].read_text()
 
 
+def test_sequential_batches_apply_records_together_and_score_at_batch_ends(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    batches: list[list[int]] = []
+
+    class Recording(WrapperStrategy):
+        def apply(self, em: EditableModel, requests: Sequence[EditRequest]) -> Any:
+            batches.append([int(r.meta["index"]) for r in requests])
+            return super().apply(em, requests)
+
+    register_strategy("recording", lambda method, opts: Recording("memory"))
+    assert config(tmp_path, sequential=25, edit_batch=2).curve() == [2, 20, 25]
+    cfg = config(
+        tmp_path, strategies=("recording",), limit=5, sequential=5, edit_batch=2, checkpoints=(4,)
+    )
+    assert cfg.curve() == [4, 5]
+    out = evaluate(em, cfg, progress=False)
+    assert batches == [[0, 1], [2, 3], [4]]
+    got = lines(records_path(out, "ZsRE", "recording", "sequential"))
+    assert sorted({(r["T"], r["edit_batch"]) for r in got}) == [(4, 2), (5, 2)]
+    assert len(got) == 4 + 5 and em.edits() == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["edit_batch"] == 2
+    assert "2 records per edit" in write_reports(out)["md"].read_text()
+    with pytest.raises(InvalidRequestError, match="with edit_batch 2"):
+        evaluate(
+            em,
+            config(tmp_path, strategies=("recording",), limit=5, sequential=5, checkpoints=(4,)),
+            progress=False,
+        )
+    with pytest.raises(InvalidRequestError, match="multiples of edit_batch"):
+        config(tmp_path, sequential=6, edit_batch=2, checkpoints=(3,))
+    with pytest.raises(InvalidRequestError, match="applies to sequential mode"):
+        config(tmp_path, edit_batch=2)
+
+
 # ------------------------------------------------------------------ every suite, all metrics
 @pytest.mark.parametrize("dataset", ["ZsRE", "WikiBio", "ConvSent", "Sanitation", "MQuAKE"])
 def test_each_suite_scores_its_metrics_with_generation(

@@ -123,6 +123,7 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
         f"- datasets: {ds}",
         f"- mode: {manifest['mode']}"
         + (f", T = {manifest['sequential']}" if manifest.get("sequential") else "")
+        + (f", {manifest['edit_batch']} records per edit" if manifest.get("edit_batch") else "")
         + f"; limit: {manifest.get('limit')}; seed: {manifest['seed']}",
         f"- strategies: {strategies}",
         f"- options: {json.dumps(manifest.get('options', {}), sort_keys=True)}",

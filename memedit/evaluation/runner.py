@@ -49,7 +49,9 @@ class RevertError(MemeditError):
 @dataclass(frozen=True)
 class EvalConfig:
     """One evaluation run. ``sequential`` = T (None: single mode); ``checkpoints`` = the T's at
-    which the sequential curve is scored (default: a log-spaced set ending at T)."""
+    which the sequential curve is scored (default: a log-spaced set ending at T);
+    ``edit_batch`` (sequential only): records applied together in each edit of the chain (the
+    batched lifelong setting of MEMIT/AlphaEdit; checkpoints are then multiples of it)."""
 
     datasets: tuple[str, ...]
     strategies: tuple[str, ...] = ("memory",)
@@ -57,6 +59,7 @@ class EvalConfig:
     limit: int | None = None
     sequential: int | None = None
     checkpoints: tuple[int, ...] = ()
+    edit_batch: int = 1
     out: str = "eval-out"
     seed: int = 0
     workers: int = 1
@@ -75,6 +78,19 @@ class EvalConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 msg = f"{name} must be a positive integer, got {value!r}"
                 raise InvalidRequestError(msg, field=name, value=value)
+        if not isinstance(self.edit_batch, int) or self.edit_batch < 1:
+            msg = f"edit_batch must be a positive integer, got {self.edit_batch!r}"
+            raise InvalidRequestError(msg, field="edit_batch", value=self.edit_batch)
+        if self.edit_batch > 1 and self.sequential is None:
+            msg = f"edit_batch={self.edit_batch} applies to sequential mode; give sequential=T"
+            raise InvalidRequestError(msg, field="edit_batch", value=self.edit_batch)
+        uneven = [c for c in self.checkpoints if c % self.edit_batch and c != self.sequential]
+        if uneven:
+            msg = (
+                f"checkpoints must be multiples of edit_batch ({self.edit_batch}) or T, "
+                f"got {uneven}"
+            )
+            raise InvalidRequestError(msg, field="checkpoints", value=list(self.checkpoints))
         if not isinstance(self.workers, int) or self.workers < 1:
             msg = f"workers must be a positive integer, got {self.workers!r}"
             raise InvalidRequestError(msg, field="workers", value=self.workers)
@@ -101,7 +117,9 @@ class EvalConfig:
             return []
         t = self.sequential
         points = set(self.checkpoints) if self.checkpoints else {1, 10, 50, 100, 200, 500, 1000}
-        return sorted({c for c in points if c <= t} | {t})
+        if not self.checkpoints and self.edit_batch > 1:  # one point per batch on the default
+            points = {c * self.edit_batch for c in points} | {self.edit_batch}
+        return sorted({c for c in points if c <= t and c % self.edit_batch == 0} | {t})
 
 
 def safe_name(spec: str) -> str:
@@ -181,6 +199,7 @@ def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, A
         "strategies": {s: parse_strategy(s).config() for s in config.strategies},
         "mode": config.mode,
         "sequential": config.sequential,
+        **({"edit_batch": config.edit_batch} if config.edit_batch > 1 else {}),
         "limit": config.limit,
         "seed": config.seed,
         "options": config.options.to_dict(),
@@ -199,6 +218,8 @@ def _run_id(manifest: dict[str, Any]) -> str:
     import hashlib
 
     key = {k: manifest.get(k) for k in (*_MUST_MATCH, "datasets", "strategies")}
+    if manifest.get("edit_batch", 1) != 1:  # absent from runs that edit one record at a time
+        key["edit_batch"] = manifest["edit_batch"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -218,6 +239,12 @@ def _reconcile(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
                 f"{fresh.get(key)!r}); resume only the same run, or choose a new --out"
             )
             raise InvalidRequestError(msg, field=key, value=fresh.get(key))
+    if old.get("edit_batch", 1) != fresh.get("edit_batch", 1):
+        msg = (
+            f"{out} holds a run with edit_batch {old.get('edit_batch', 1)} (this one: "
+            f"{fresh.get('edit_batch', 1)}); resume only the same run, or choose a new --out"
+        )
+        raise InvalidRequestError(msg, field="edit_batch", value=fresh.get("edit_batch", 1))
     for ds, info in fresh["datasets"].items():
         had = old["datasets"].get(ds)
         if had is not None and had["sha256"] != info["sha256"]:
@@ -381,12 +408,13 @@ def _run_sequential(
     applied = []
     edit_s = 0.0
     bar = _progress(len(curve), f"{dataset} {spec} sequential (checkpoints)", progress)
+    step = config.edit_batch
     try:
-        for t, case in enumerate(cases, start=1):
-            if t > curve[-1]:
-                break
+        for start in range(0, curve[-1], step):
+            group = cases[start : min(start + step, curve[-1])]
+            t = start + len(group)
             t0 = time.perf_counter()
-            applied.append(strategy.apply(em, case.requests))
+            applied.append(strategy.apply(em, [r for c in group for r in c.requests]))
             edit_s += time.perf_counter() - t0
             if t not in curve:
                 continue
@@ -396,6 +424,7 @@ def _run_sequential(
                 "strategy": spec,
                 "mode": "sequential",
                 "T": t,
+                "edit_batch": step,
                 "edit_s_total": round(edit_s, 4),
             }
             for c in cases[:t]:
