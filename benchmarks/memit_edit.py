@@ -100,7 +100,8 @@ def run(
             raise SystemExit(f"revert of {name} was not bit-exact")
     first = [r[0] for r in resid]
     last = [r[-1] for r in resid]
-    opts = ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    shown = {k: ("rome's" if k == "neighbour_templates" else v) for k, v in options.items()}
+    opts = ",".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
     return (
         f"| {method} | {opts} | {','.join(map(str, hp.layers))} | {len(requests)} "
         f"| {args.batch_size} | {succ:.2f} | {reph:.2f} | {loc:.2f} "
@@ -117,6 +118,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: all in one batch")
     ap.add_argument("--methods", default="memit,alphaedit")
     ap.add_argument("--stats-tokens", type=int, default=100_000)
+    ap.add_argument(
+        "--neighbours",
+        type=float,
+        default=0.0,
+        help="weight of ROME's neighbour prompts in the value loss (0: none)",
+    )
+    ap.add_argument("--value-chunk", type=int, default=None, help="requests per value pass")
     ap.add_argument(
         "--hp", action="append", default=[], help="FIELD=VALUE[,FIELD=VALUE] (one row each)"
     )
@@ -141,7 +149,25 @@ def main() -> None:
             predicted_tokens(model, tok, [p for p, _ in probes], [a for _, a in probes])
         )
     methods = args.methods.split(",")
-    rows = [(m, _options(h)) for h in (args.hp or [""]) for m in methods]
+    import memedit.intrinsic.memit as memit_module
+    import memedit.intrinsic.values as values
+    from memedit.intrinsic import RomeHparams
+
+    if args.value_chunk:  # the default on a CPU is one request per pass
+        real = values.optimise_values
+
+        def chunked(*a: Any, **k: Any) -> Any:
+            return real(*a, **{**k, "chunk": args.value_chunk})
+
+        values.optimise_values = chunked
+        memit_module.optimise_values = chunked
+    extra: dict[str, Any] = {}
+    if args.neighbours:
+        extra = {
+            "neighbour_templates": RomeHparams().neighbour_templates,
+            "neighbour_factor": args.neighbours,
+        }
+    rows = [(m, {**extra, **_options(h)}) for h in (args.hp or [""]) for m in methods]
     layers = sorted({x for m, o in rows for x in resolve_hparams(m, o, model).layers})
     t0 = time.perf_counter()
     for layer in layers:

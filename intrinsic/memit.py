@@ -3,8 +3,9 @@ into the MLP output projections of a run of layers at once.
 
 1. For every request a target ``z`` for the residual stream after the *last* edited layer, at
    the subject's last token of the bare prompt, is optimised so the model says the new target
-   (:func:`~memedit.intrinsic.values.optimise_value` on that block's output; the same vector
-   added at the block output or at its MLP output is the same change of the residual stream).
+   (:func:`~memedit.intrinsic.values.optimise_values` on that block's output, the requests
+   batched in one pass; the same vector added at the block output or at its MLP output is the
+   same change of the residual stream).
 2. For each edited layer ``l``, lowest first, on the model the previous layers' updates left:
    keys ``K`` (rows: each request's key at layer ``l``, averaged over context prefixes), the
    residual ``R = (z − h_L) / (layers left, this one included)`` with ``h_L`` the current
@@ -39,7 +40,7 @@ from .compute import (
     subject_keys,
 )
 from .hparams import ValueHparams, check_float, check_int
-from .values import context_prefixes, optimise_value
+from .values import context_prefixes, optimise_values
 
 if TYPE_CHECKING:
     import torch
@@ -123,7 +124,7 @@ def spread_update(ctx: EditContext, solve: LayerSolve) -> dict[int, torch.Tensor
     assert hp.layers is not None
     top = block_name(model, hp.layers[-1])
     prefixes = context_prefixes(model, tok, hp.n_prefixes, hp.prefix_tokens, hp.prefix_seed)
-    values = [optimise_value(model, tok, r, top, prefixes, hp) for r in requests]
+    values = optimise_values(model, tok, requests, top, prefixes, hp)
     for name in ("loss", "nll", "steps"):
         ctx.delta.info[f"value_{name}"] = [getattr(v, name) for v in values]
     device = model_device(model)

@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 
     from memedit.types import EditRequest
 
+    from .compute import TargetBatch
     from .hparams import ValueHparams
 
-__all__ = ["STARTERS", "ValueResult", "context_prefixes", "optimise_value"]
+__all__ = ["STARTERS", "ValueResult", "context_prefixes", "optimise_value", "optimise_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,20 +177,76 @@ def optimise_value(
     ``request.target_new`` after ``prefix + request.prompt`` for every prefix (see
     :class:`~memedit.intrinsic.hparams.ValueHparams` for the loss). ``prefixes[0]`` must be
     ``""``: the bare prompt's output is the starting point ``init``."""
-    import torch
+    return optimise_values(model, tokenizer, [request], module_name, prefixes, hp)[0]
 
-    from memedit.hooks import edit_output
 
+#: Requests whose values :func:`optimise_values` optimises in one forward pass on an accelerator.
+#: On a CPU one at a time is faster: on the 2-core machine (SmolLM2-135M, 10 ZsRE requests,
+#: MEMIT's layer 7, one thread) chunks of 10 took 16.1 s per request against 9.4 s alone.
+VALUE_CHUNK = 32
+
+
+def optimise_values(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    module_name: str,
+    prefixes: Sequence[str],
+    hp: ValueHparams,
+    *,
+    chunk: int | None = None,
+) -> list[ValueResult]:
+    """:func:`optimise_value` for many requests at once, ``chunk`` of them per forward pass
+    (default: :data:`VALUE_CHUNK` on an accelerator, 1 on a CPU).
+
+    Each request has its own vector, its own Adam state, early stop and norm clamp; the loss
+    of a pass is the sum of the requests' losses and no request's rows see another's vector,
+    so every request's value is the one :func:`optimise_value` finds for it alone (up to
+    floating-point summation order). A request that has stopped leaves the pass."""
     if not prefixes or prefixes[0] != "":
         msg = f"prefixes must start with '' (the bare prompt), got {list(prefixes)[:2]!r}"
         raise InvalidRequestError(msg, field="prefixes", value=prefixes)
-    device = model_device(model)
-    cols = [lookup_index(tokenizer, p, request) for p in prefixes]
+    if chunk is None:
+        chunk = 1 if model_device(model).type == "cpu" else VALUE_CHUNK
+    if not isinstance(chunk, int) or chunk < 1:
+        msg = f"chunk must be a positive integer, got {chunk!r}"
+        raise InvalidRequestError(msg, field="chunk", value=chunk)
+    out: list[ValueResult] = []
+    for start in range(0, len(requests), chunk):
+        part = requests[start : start + chunk]
+        out.extend(_optimise_chunk(model, tokenizer, part, module_name, prefixes, hp, start))
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One request's rows: the prefixed prompts with the target, then the KL rows (text,
+    where the edited output changes, where the distribution is read, weight)."""
+
+    pairs: list[tuple[str, str]]
+    cols: list[int]
+    kl_rows: list[list[int]]
+    kl_cols: list[int]
+    kl_read: list[int]
+    kl_weights: list[float]
+
+
+def _plan(
+    tokenizer: PreTrainedTokenizerBase,
+    request: EditRequest,
+    prefixes: Sequence[str],
+    hp: ValueHparams,
+) -> _Plan:
+    plan = _Plan(
+        pairs=[(p + request.prompt, request.target_new) for p in prefixes],
+        cols=[lookup_index(tokenizer, p, request) for p in prefixes],
+        kl_rows=[],
+        kl_cols=[],
+        kl_read=[],
+        kl_weights=[],
+    )
     # Rows whose next-token distributions must not move: ROME's "essence" ("{subject} is a",
     # read after the subject) and the neighbour prompts (read after their last token).
-    keep_rows: list[list[int]] = []
-    read_at: list[int] = []
-    weights: list[float] = []
     if request.subject:
         texts = [("{} is a", hp.kl_factor, True)] + [
             (t, hp.neighbour_factor, False) for t in hp.neighbour_templates
@@ -201,71 +258,156 @@ def optimise_value(
             ids = encode(tokenizer, text)
             start = template.index("{}")
             col = subject_token_index(tokenizer, text, start, start + len(request.subject))
-            keep_rows.append(ids)
-            cols.append(col)
-            read_at.append(col if at_subject else len(ids) - 1)
-            weights.append(factor)
-    batch = target_batch(
-        tokenizer,
-        [(p + request.prompt, request.target_new) for p in prefixes],
-        device,
-        extra_rows=keep_rows,
-        extra_keep=read_at,
-    )
-    rows = _rows(model, batch.ids, batch.mask, batch.keep, cols, hp.prefix_cache, pad_id(tokenizer))
-    kl_at = [int(batch.flat[len(prefixes) + j, pos]) for j, pos in enumerate(read_at)]
-    kl_weight = torch.tensor(weights, device=device)
+            plan.kl_rows.append(ids)
+            plan.kl_cols.append(col)
+            plan.kl_read.append(col if at_subject else len(ids) - 1)
+            plan.kl_weights.append(factor)
+    return plan
 
-    state: dict[str, Any] = {"delta": None, "init": None}
+
+@dataclass(frozen=True)
+class _Pass:
+    """The rows of the requests still optimising, laid out for one forward pass: every
+    request's prompt rows, then every request's KL rows; ``owner`` maps each row to its
+    position in ``active``."""
+
+    active: list[int]
+    batch: TargetBatch
+    rows: _Rows
+    owner: torch.Tensor
+    n_prompts: int
+    kl_at: list[int]
+    kl_owner: torch.Tensor
+    kl_weight: torch.Tensor
+
+
+def _layout(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    plans: Sequence[_Plan],
+    active: list[int],
+    hp: ValueHparams,
+) -> _Pass:
+    import torch
+
+    device = model_device(model)
+    pairs = [pair for i in active for pair in plans[i].pairs]
+    cols = [c for i in active for c in plans[i].cols]
+    kl_rows = [row for i in active for row in plans[i].kl_rows]
+    kl_read = [r for i in active for r in plans[i].kl_read]
+    cols += [c for i in active for c in plans[i].kl_cols]
+    owner = [k for k, i in enumerate(active) for _ in plans[i].pairs]
+    kl_owner = [k for k, i in enumerate(active) for _ in plans[i].kl_rows]
+    batch = target_batch(tokenizer, pairs, device, extra_rows=kl_rows, extra_keep=kl_read)
+    rows = _rows(model, batch.ids, batch.mask, batch.keep, cols, hp.prefix_cache, pad_id(tokenizer))
+    n_prompts = len(pairs)
+    return _Pass(
+        active=active,
+        batch=batch,
+        rows=rows,
+        owner=torch.tensor(owner + kl_owner, dtype=torch.long, device=device),
+        n_prompts=n_prompts,
+        kl_at=[int(batch.flat[n_prompts + j, pos]) for j, pos in enumerate(kl_read)],
+        kl_owner=torch.tensor(kl_owner, dtype=torch.long, device=device),
+        kl_weight=torch.tensor(
+            [w for i in active for w in plans[i].kl_weights], device=device, dtype=torch.float32
+        ),
+    )
+
+
+def _optimise_chunk(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    module_name: str,
+    prefixes: Sequence[str],
+    hp: ValueHparams,
+    first: int = 0,
+) -> list[ValueResult]:
+    """Values for ``requests`` (the ``first``-th onward of the caller's list) in one pass."""
+    import torch
+
+    from memedit.hooks import edit_output
+
+    plans = [_plan(tokenizer, r, prefixes, hp) for r in requests]
+    n_prefixes = len(prefixes)
+    cur = _layout(model, tokenizer, plans, list(range(len(requests))), hp)
+    deltas: dict[int, torch.Tensor] = {}
+    inits: dict[int, torch.Tensor] = {}
+    kl_init: dict[int, torch.Tensor] = {}
+    results: dict[int, ValueResult] = {}
+    live = [True]  # False while a smaller pass is laid out (its cached prefix pass is plain)
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
-        if state["delta"] is None:
-            state["delta"] = torch.zeros(
-                out.shape[-1], device=out.device, dtype=torch.float32, requires_grad=True
-            )
-            state["init"] = out[0, rows.cols[0]].detach().float().clone()
-        add = state["delta"].to(out.dtype).expand(len(rows.cols), -1)
+        if not live[0]:
+            return out
+        rows = cur.rows
+        if not deltas:
+            for k, i in enumerate(cur.active):  # the bare prompt is each request's first row
+                inits[i] = out[k * n_prefixes, rows.cols[k * n_prefixes]].detach().float().clone()
+                deltas[i] = torch.zeros(
+                    out.shape[-1], device=out.device, dtype=torch.float32, requires_grad=True
+                )
+        add = torch.stack([deltas[i] for i in cur.active]).to(out.dtype)[cur.owner]
         return out.index_put((rows.index, rows.cols), add, accumulate=True)
 
     opt: torch.optim.Optimizer | None = None
-    kl_init: torch.Tensor | None = None
-    loss_v, nll_v, steps = float("nan"), float("nan"), 0
     with frozen(model), edit_output(model, module_name, add_delta):
         for step in range(hp.v_steps):
-            steps = step + 1
-            past = copy.deepcopy(rows.past)  # each pass extends the cache it is given
+            past = copy.deepcopy(cur.rows.past)  # each pass extends the cache it is given
             logits = forward_logits(
                 model,
-                rows.ids,
-                rows.mask,
-                rows.keep,
+                cur.rows.ids,
+                cur.rows.mask,
+                cur.rows.keep,
                 past_key_values=past,
-                position_ids=rows.positions,
+                position_ids=cur.rows.positions,
             )
             logp = logits.float().log_softmax(dim=-1)
-            nll = batch.nll(logp).mean()
-            delta, init = state["delta"], state["init"]
-            loss = nll + hp.v_weight_decay * delta.norm() / init.norm().clamp_min(1e-12) ** 2
-            if kl_at:
-                cur = logp[kl_at]
-                if kl_init is None:
-                    kl_init = cur.detach().clone()
-                kl = (cur.exp() * (cur - kl_init)).sum(dim=-1)
-                loss = loss + (kl_weight * kl).sum()
-            loss_v, nll_v = float(loss.detach()), float(nll.detach())
-            logger.debug("value step %d: loss %.4f nll %.4f", step, loss_v, nll_v)
-            if nll_v < hp.early_stop_loss or step == hp.v_steps - 1:
+            nll = cur.batch.nll(logp).reshape(len(cur.active), n_prefixes).mean(dim=1)
+            delta = torch.stack([deltas[i] for i in cur.active])
+            init = torch.stack([inits[i] for i in cur.active])
+            decay = hp.v_weight_decay * delta.norm(dim=1) / init.norm(dim=1).clamp_min(1e-12) ** 2
+            loss = nll + decay
+            if cur.kl_at:
+                now = logp[cur.kl_at]
+                if step == 0:
+                    for k, i in enumerate(cur.active):
+                        kl_init[i] = now[cur.kl_owner == k].detach().clone()
+                ref = torch.cat([kl_init[i] for i in cur.active])
+                kl = (now.exp() * (now - ref)).sum(dim=-1) * cur.kl_weight
+                loss = loss + torch.zeros_like(loss).index_add(0, cur.kl_owner, kl)
+            losses, nlls = loss.detach().tolist(), nll.detach().tolist()
+            going: list[int] = []
+            for k, i in enumerate(cur.active):
+                logger.debug(
+                    "value %d step %d: loss %.4f nll %.4f", first + i, step, losses[k], nlls[k]
+                )
+                if nlls[k] < hp.early_stop_loss or step == hp.v_steps - 1:
+                    target = inits[i] + deltas[i].detach()
+                    results[i] = ValueResult(inits[i], target, losses[k], nlls[k], step + 1)
+                else:
+                    going.append(i)
+            if not going:
                 break
             if opt is None:
-                opt = torch.optim.Adam([delta], lr=hp.v_lr)
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta.grad = grad
+                opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
+            keep = [k for k, i in enumerate(cur.active) if i not in results]
+            grads = torch.autograd.grad(loss[keep].sum(), [deltas[i] for i in going])
+            for d in deltas.values():  # a stopped request has no gradient: Adam skips it
+                d.grad = None
+            for i, g in zip(going, grads, strict=True):
+                deltas[i].grad = g
             opt.step()
             with torch.no_grad():
-                max_norm = hp.clamp_norm_factor * init.norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    init, delta = state["init"], state["delta"]
-    return ValueResult(
-        init=init, target=(init + delta.detach()), loss=loss_v, nll=nll_v, steps=steps
-    )
+                for i in going:
+                    max_norm = hp.clamp_norm_factor * inits[i].norm()
+                    if deltas[i].norm() > max_norm:
+                        deltas[i].mul_(max_norm / deltas[i].norm())
+            if going != cur.active:
+                live[0] = False
+                try:
+                    cur = _layout(model, tokenizer, plans, going, hp)
+                finally:
+                    live[0] = True
+    return [results[i] for i in range(len(requests))]

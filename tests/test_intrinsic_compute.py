@@ -3,6 +3,9 @@ float64 solves ROME and MEMIT are built on."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import pytest
 import torch
 
@@ -206,3 +209,57 @@ def test_prefix_cache_gives_the_same_value_as_full_passes(arch: str, subject_fir
         torch.testing.assert_close(cached.target, plain.target, rtol=1e-3, atol=1e-5)
         assert abs(cached.loss - plain.loss) < 1e-3
         assert abs(cached.nll - plain.nll) < 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_values_match_one_request_at_a_time(
+    arch: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MEMIT optimises every request's value in one pass: each must come out as it does alone,
+    also when requests stop at different steps and leave the pass (chunks of 2 of 3)."""
+    from memedit.intrinsic import MemitHparams
+    from memedit.intrinsic.compute import mlp_out_name
+    from memedit.intrinsic.values import optimise_value, optimise_values
+
+    from .test_intrinsic_methods import BUILDERS
+
+    model, tok = BUILDERS[arch]()
+    reqs = [
+        EditRequest(prompt="Where did Leo Arons die ?", target_new="Berlin", subject="Leo Arons"),
+        EditRequest(prompt="The capital of France is", target_new="Rome city", subject="France"),
+        EditRequest(
+            prompt="In which language did Mary Ann write her long books ?",
+            target_new="Dutch",
+            subject="Mary Ann",
+        ),
+    ]
+    prefixes = ("", "The sky is blue. ", "Q: A: ")
+    module = mlp_out_name(model, 0)
+    probe = MemitHparams(
+        v_steps=8,
+        early_stop_loss=0.0,
+        clamp_norm_factor=50.0,
+        neighbour_templates=("The type of {} is",),
+        neighbour_factor=0.5,
+    )
+    with caplog.at_level(logging.DEBUG, logger="memedit.intrinsic.values"):
+        optimise_values(model, tok, reqs, module, prefixes, probe)
+    seen: dict[int, list[float]] = {}  # each request's nll before each pass's update
+    for rec in caplog.records:
+        if rec.msg.startswith("value %d step"):
+            seen.setdefault(int(rec.args[0]), []).append(float(rec.args[3]))  # type: ignore[index]
+    lows = sorted(min(nlls[:-1]) for nlls in seen.values())
+    assert lows[-1] - lows[0] > 1e-3
+    # a threshold that one request reaches before the last pass and another never does
+    hp = dataclasses.replace(probe, early_stop_loss=(lows[0] + lows[-1]) / 2)
+    alone = [optimise_value(model, tok, r, module, prefixes, hp) for r in reqs]
+    together = optimise_values(model, tok, reqs, module, prefixes, hp, chunk=2)
+    assert len({v.steps for v in alone}) > 1, [v.steps for v in alone]
+    for a, b in zip(alone, together, strict=True):
+        assert a.steps == b.steps
+        torch.testing.assert_close(b.init, a.init, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.target, a.target, rtol=1e-3, atol=1e-5)
+        assert abs(a.loss - b.loss) < 1e-3
+        assert abs(a.nll - b.nll) < 1e-3
+    with pytest.raises(InvalidRequestError, match="chunk"):
+        optimise_values(model, tok, reqs, module, prefixes, hp, chunk=0)
