@@ -24,19 +24,31 @@ from .ft import FtLHparams, FtMHparams
 from .hparams import DEFAULT_LAYERS, ValueHparams
 from .memit import MemitHparams
 from .rome import RomeHparams
-from .stats import KeyStatistics, TextList, TextSource, WikiBioPassages, default_statistics
+from .stats import (
+    SAMPLE_STARTERS,
+    ChainedText,
+    KeyStatistics,
+    ModelSampledText,
+    TextList,
+    TextSource,
+    WikiBioPassages,
+    default_statistics,
+)
 
 __all__ = [
     "DEFAULT_LAYERS",
+    "SAMPLE_STARTERS",
     "AlphaEditHparams",
     "AlphaEditState",
     "BaseModelMismatchError",
+    "ChainedText",
     "DeltaStateError",
     "EditContext",
     "FtLHparams",
     "FtMHparams",
     "KeyStatistics",
     "MemitHparams",
+    "ModelSampledText",
     "NonFiniteUpdateError",
     "RomeHparams",
     "TextList",
