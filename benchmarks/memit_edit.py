@@ -100,8 +100,7 @@ def run(
             raise SystemExit(f"revert of {name} was not bit-exact")
     first = [r[0] for r in resid]
     last = [r[-1] for r in resid]
-    shown = {k: ("rome's" if k == "neighbour_templates" else v) for k, v in options.items()}
-    opts = ",".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
+    opts = ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
     return (
         f"| {method} | {opts} | {','.join(map(str, hp.layers))} | {len(requests)} "
         f"| {args.batch_size} | {succ:.2f} | {reph:.2f} | {loc:.2f} "
@@ -121,8 +120,8 @@ def main() -> None:
     ap.add_argument(
         "--neighbours",
         type=float,
-        default=0.0,
-        help="weight of ROME's neighbour prompts in the value loss (0: none)",
+        default=None,
+        help="weight of the neighbour prompts in the value loss (default: the method's; 0: none)",
     )
     ap.add_argument("--value-chunk", type=int, default=None, help="requests per value pass")
     ap.add_argument(
@@ -151,7 +150,6 @@ def main() -> None:
     methods = args.methods.split(",")
     import memedit.intrinsic.memit as memit_module
     import memedit.intrinsic.values as values
-    from memedit.intrinsic import RomeHparams
 
     if args.value_chunk:  # the default on a CPU is one request per pass
         real = values.optimise_values
@@ -162,11 +160,8 @@ def main() -> None:
         values.optimise_values = chunked
         memit_module.optimise_values = chunked
     extra: dict[str, Any] = {}
-    if args.neighbours:
-        extra = {
-            "neighbour_templates": RomeHparams().neighbour_templates,
-            "neighbour_factor": args.neighbours,
-        }
+    if args.neighbours is not None:
+        extra = {"neighbour_factor": args.neighbours}
     rows = [(m, {**extra, **_options(h)}) for h in (args.hp or [""]) for m in methods]
     layers = sorted({x for m, o in rows for x in resolve_hparams(m, o, model).layers})
     t0 = time.perf_counter()

@@ -87,6 +87,11 @@ def layers_value(value: object) -> tuple[int, ...] | None:
     return value  # type: ignore[return-value]  # rejected by validation
 
 
+#: Other questions about the edited subject whose answers the value optimisation keeps (ROME's
+#: default, tuned on held-out records; MEMIT and AlphaEdit share it).
+NEIGHBOUR_TEMPLATES = ("The country of {} is", "The type of {} is", "{} is located in")
+
+
 @dataclass(frozen=True)
 class ValueHparams:
     """How the target value is optimised (ROME's ``compute_v``, MEMIT's ``compute_z``).

@@ -18,7 +18,7 @@ from memedit.errors import InvalidRequestError
 
 from .api import EditContext, register_method
 from .compute import mlp_out_name, rank_one_update, subject_keys
-from .hparams import ValueHparams, check_int
+from .hparams import NEIGHBOUR_TEMPLATES, ValueHparams, check_int
 from .values import context_prefixes, optimise_value
 
 __all__ = ["RomeHparams", "edit_rome"]
@@ -40,11 +40,7 @@ class RomeHparams(ValueHparams):
     layer_role: ClassVar[str] = "rome"
 
     v_steps: int = 30
-    neighbour_templates: tuple[str, ...] = (
-        "The country of {} is",
-        "The type of {} is",
-        "{} is located in",
-    )
+    neighbour_templates: tuple[str, ...] = NEIGHBOUR_TEMPLATES
     neighbour_factor: float = 0.5
     mom2_adjustment: bool = True
     stats_tokens: int = 100_000
