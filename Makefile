@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export MEMEDIT_TEST_PG_URL
 
-.PHONY: venv demo test lint typecheck unit bench eval eval-weights results clean
+.PHONY: venv demo test lint typecheck unit bench eval eval-weights eval-weights-sequential results clean
 
 venv: $(VENV)/.installed
 
@@ -66,6 +66,14 @@ eval-weights: venv
 	for m in rome ft-m; do for d in ZsRE WikiData_counterfact; do \
 		$(BIN)/memedit eval --dataset $$d --strategies weights:$$m --limit $(WEIGHTS_LIMIT) \
 			--no-generation --out $(EVAL_DIR)/weights-$$m-$$d || exit 1; done; done
+	$(MAKE) results
+
+# lifelong in-weight editing: 500 ZsRE edits applied 100 at a time, scored after each batch
+eval-weights-sequential: venv
+	for m in alphaedit memit; do \
+		$(BIN)/memedit eval --dataset ZsRE --strategies weights:$$m --sequential 500 \
+			--edit-batch 100 --checkpoints 100,200,300,400,500 --no-generation \
+			--fluency-tokens 0 --out $(EVAL_DIR)/weights-sequential-ZsRE || exit 1; done
 	$(MAKE) results
 
 results: venv
