@@ -25,14 +25,17 @@ statistics) in an explicit :class:`AlphaEditState` the caller owns and passes to
 
 Without a state each call is a first edit (``K_p = 0``). The state grows only when a call
 succeeds; reverting a delta does not remove its keys from the state (keep a :meth:`copy` made
-before the call to undo that too).
+before the call to undo that too). Each delta also keeps its keys (``delta.extras``, saved with
+it), so :meth:`AlphaEditState.from_deltas` rebuilds the state of the deltas still applied —
+what ``EditableModel`` does when it reopens a memory or rolls an AlphaEdit batch back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +50,8 @@ from .memit import SpreadHparams, spread_update
 if TYPE_CHECKING:
     import torch
 
+    from .delta import WeightDelta
+
 __all__ = [
     "AlphaEditHparams",
     "AlphaEditState",
@@ -55,7 +60,11 @@ __all__ = [
     "null_space_basis",
 ]
 
+logger = logging.getLogger(__name__)
+
 STATE_FORMAT = "memedit-alphaedit-state"
+#: Name prefix of the per-layer keys an AlphaEdit delta keeps (``WeightDelta.extras``).
+KEYS_EXTRA = "alphaedit.keys."
 STATE_VERSION = 1
 
 
@@ -166,6 +175,27 @@ class AlphaEditState:
             self.preserved[layer] = gram if old is None else old.to(gram.device) + gram
         self.requests += n_requests
 
+    @classmethod
+    def from_deltas(cls, deltas: Iterable[WeightDelta]) -> AlphaEditState:
+        """The state a sequence of AlphaEdit deltas (oldest first) left: ``K_pᵀK_p`` summed
+        from the keys each delta keeps; the null-space bases are made again on the next edit
+        (from the same statistics, so the same). A delta saved without its keys (before they
+        were kept) is skipped with a warning."""
+        state = cls()
+        for delta in deltas:
+            keys = {
+                int(name.removeprefix(KEYS_EXTRA)): t
+                for name, t in delta.extras.items()
+                if name.startswith(KEYS_EXTRA)
+            }
+            if not keys:
+                logger.warning(
+                    "an %s delta holds no keys; its edits are not preserved", delta.method
+                )
+                continue
+            state.add(keys, len(delta.requests))
+        return state
+
     def copy(self) -> AlphaEditState:
         """An independent copy (tensors cloned)."""
         out = AlphaEditState()
@@ -235,7 +265,10 @@ def edit_alphaedit(ctx: EditContext) -> None:
             keys, residuals, bases[layer], state.preserved.get(layer), hp.l2_weight
         )
 
-    state.add(spread_update(ctx, solve), len(ctx.requests))
+    keys = spread_update(ctx, solve)
+    for layer, k in keys.items():  # saved with the delta: a reopened model rebuilds its state
+        ctx.delta.extras[f"{KEYS_EXTRA}{layer}"] = k.detach().float().cpu()
+    state.add(keys, len(ctx.requests))
 
 
 register_method("alphaedit", AlphaEditHparams, edit_alphaedit, state=AlphaEditState)

@@ -85,6 +85,9 @@ class WeightDelta:
         self.layers: tuple[int, ...] = tuple(int(x) for x in layers)
         self.requests: list[dict[str, Any]] = [dict(r) for r in requests]
         self.info: dict[str, Any] = dict(info or {})
+        #: Tensors a method keeps with its edit that are not weights (AlphaEdit's keys), saved
+        #: and loaded with the delta.
+        self.extras: dict[str, torch.Tensor] = {}
         self._model: nn.Module | None = None
         self._before: dict[str, torch.Tensor] = {}
         self._after: dict[str, torch.Tensor] = {}
@@ -325,6 +328,14 @@ class WeightDelta:
             "base_digest": self.base_digest,
             "requests": self.requests,
             "info": self.info,
+            "extras": {
+                name: {
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": list(t.shape),
+                    "sha256": _tensor_sha256(t),
+                }
+                for name, t in self.extras.items()
+            },
             "tensors": {
                 name: {
                     "dtype": str(t.dtype).removeprefix("torch."),
@@ -346,13 +357,19 @@ class WeightDelta:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         meta = self.metadata()
-        tensors = {n: t.detach().cpu().contiguous() for n, t in self._after.items()}
+        tensors = self._payload()
         tmp_t, tmp_m = out / f".{TENSORS_FILE}.tmp", out / f".{META_FILE}.tmp"
         save_file(tensors, str(tmp_t), metadata={"format": FORMAT})
         tmp_m.write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp_t, out / TENSORS_FILE)
         os.replace(tmp_m, out / META_FILE)  # the metadata last: it names what must be there
         return out
+
+    def _payload(self) -> dict[str, torch.Tensor]:
+        tensors = {n: t.detach().cpu().contiguous() for n, t in self._after.items()}
+        for name, t in self.extras.items():
+            tensors[_EXTRA + name] = t.detach().cpu().contiguous()
+        return tensors
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> WeightDelta:
@@ -377,8 +394,7 @@ class WeightDelta:
             msg = f"this {self.method} delta changes no tensor; nothing to serialise"
             raise DeltaStateError(msg)
         meta = json.dumps(self.metadata(), ensure_ascii=False).encode("utf-8")
-        tensors = {n: t.detach().cpu().contiguous() for n, t in self._after.items()}
-        body = save(tensors, metadata={"format": FORMAT})
+        body = save(self._payload(), metadata={"format": FORMAT})
         return _BLOB_MAGIC + len(meta).to_bytes(8, "little") + meta + body
 
     @classmethod
@@ -410,6 +426,10 @@ class WeightDelta:
         cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str
     ) -> WeightDelta:
         _verify(where, meta["tensors"], tensors)
+        extras = meta.get("extras") or {}
+        _verify(
+            where, extras, {n[len(_EXTRA) :]: t for n, t in tensors.items() if n.startswith(_EXTRA)}
+        )
         delta = cls(
             meta["method"],
             hparams=meta.get("hparams"),
@@ -418,11 +438,13 @@ class WeightDelta:
             info=meta.get("info"),
         )
         delta._after = {name: tensors[name] for name in meta["tensors"]}
+        delta.extras = {name: tensors[_EXTRA + name] for name in extras}
         delta._base_digest = str(meta["base_digest"])
         return delta
 
 
 _BLOB_MAGIC = b"MEMEDIT-DELTA1\n"
+_EXTRA = "extra::"  # prefix of extras in the safetensors body (weight names have no "::")
 
 
 def _parse_meta(text: str, where: str) -> dict[str, Any]:

@@ -572,6 +572,26 @@ class KeyStatistics:
             pinned[(layer, n_tokens)] = mom2
         return mom2.to(device)
 
+    def pin_cached(self, model: nn.Module, layer: int, n_tokens: int) -> bool:
+        """Pin ``model`` to the statistics of its weights as they are now if they are already
+        cached (on disk or in memory), without computing any; True if pinned. A wrapper that
+        re-applies saved edits to a fresh base model calls this first, so later edits use the
+        same statistics as the process that made the first edit."""
+        if not self.pin:
+            return False
+        pinned = self._pinned.setdefault(model, {})
+        if (layer, n_tokens) in pinned:
+            return True
+        path = self.cache_path(model, layer, n_tokens)
+        mom2 = self._memory.get(str(path))
+        if mom2 is None:
+            if not (self.disk and path.is_file()):
+                return False
+            mom2 = self._load_or_compute(model, None, layer, n_tokens, path)  # type: ignore[arg-type]
+            self._memory[str(path)] = mom2
+        pinned[(layer, n_tokens)] = mom2
+        return True
+
     def _load_or_compute(
         self,
         model: nn.Module,

@@ -311,6 +311,7 @@ class EditableModel:
             delta.apply_to(self.model, check_digest=False)
             raise
         del self._deltas[record.batch_id]
+        self._rebuild_states({delta.method})  # the batch's keys no longer need preserving
         return records[batch.index(edit_id)]
 
     def _restore_weights(self) -> None:
@@ -330,13 +331,54 @@ class EditableModel:
                 "local model; a black-box chat function cannot apply them"
             )
             raise UnsupportedStrategyError(msg)
+        saved: list[tuple[str, WeightDelta]] = []
         for batch_id, first in sorted(batches.items(), key=lambda kv: kv[1]):
             blob = self.memory.payload(first)
             if blob is None:
                 msg = f"in-weight edit {first} has no stored weights in the edit log"
                 raise MemeditError(msg)
-            self._deltas[batch_id] = WeightDelta.from_bytes(blob).apply_to(self.model)
+            saved.append((batch_id, WeightDelta.from_bytes(blob)))
+        self._pin_base(saved)
+        for batch_id, delta in saved:
+            self._deltas[batch_id] = delta.apply_to(self.model)
+        self._rebuild_states({d.method for _, d in saved})
         log.info("restored %d in-weight edit batch(es) from the edit log", len(batches))
+
+    def _pin_base(self, saved: list[tuple[str, WeightDelta]]) -> None:
+        """Before re-applying saved deltas: later edits read the key statistics and context
+        prefixes of the unedited weights, as the process that made the first edit did."""
+        from memedit.intrinsic.values import context_prefixes
+
+        assert self.model is not None and self.tokenizer is not None
+        stats = self._statistics()
+        prefixes: set[tuple[int, int, int]] = set()
+        for _, delta in saved:
+            hp = delta.hparams
+            tokens = hp.get("stats_tokens")
+            for layer in delta.layers if isinstance(tokens, int) else ():
+                stats.pin_cached(self.model, layer, tokens)
+            key = (hp.get("n_prefixes"), hp.get("prefix_tokens"), hp.get("prefix_seed"))
+            if all(isinstance(x, int) for x in key):
+                prefixes.add(key)
+        for n, length, seed in sorted(prefixes):
+            context_prefixes(self.model, self.tokenizer, n, length, seed)
+
+    def _statistics(self) -> KeyStatistics:
+        from memedit.intrinsic import default_statistics
+
+        return self.statistics if self.statistics is not None else default_statistics()
+
+    def _rebuild_states(self, methods: set[str]) -> None:
+        """A sequential method's state (AlphaEdit's preserved keys) from the applied deltas."""
+        from memedit.intrinsic import get_method
+
+        for method in sorted(methods):
+            state_type = get_method(method).state
+            rebuild = getattr(state_type, "from_deltas", None)
+            if rebuild is None:
+                continue
+            mine = [d for d in self._deltas.values() if d.method == method]  # oldest first
+            self._method_states[method] = rebuild(mine)
 
     def edits(self, *, include_rolled_back: bool = False) -> list[EditRecord]:
         """The applied edits (active only, unless asked)."""

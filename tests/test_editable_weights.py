@@ -216,3 +216,48 @@ def test_alphaedit_continues_one_state_across_edits(tmp_path: Path) -> None:
             em.rollback(later.id)
             em.rollback(first[0].id)
             assert _same(model, base)
+
+
+def test_alphaedit_state_is_rebuilt_on_reopen_and_after_rollback(tmp_path: Path) -> None:
+    """A memory reopened on a fresh base model continues AlphaEdit's sequence exactly: a third
+    edit there writes the same weights as in the process that made the first two; rolling a
+    batch back drops its keys from the state."""
+    import torch
+
+    from .test_intrinsic_memit import BATCH, HP, LATER, MIXED
+
+    third = EditRequest(prompt="Q: the capital of Leo", target_new="blue", subject="Leo")
+    with tempfile.TemporaryDirectory() as root:
+        stats = KeyStatistics(MIXED, root=root, progress=False)
+
+        def edit(em: EditableModel, reqs: list[EditRequest]) -> list[Any]:
+            return em.edit(reqs, strategy="weights", method="alphaedit", hparams=HP["alphaedit"])
+
+        model, tok = tiny_llama()
+        with _wrap(
+            model, tok, EditMemory.open(tmp_path / "a", embedder=HashingEmbedder()), stats
+        ) as em:
+            edit(em, list(BATCH))
+            after_first = em._method_states["alphaedit"].copy()
+            edit(em, [LATER])
+            two = em._method_states["alphaedit"].copy()
+            (rec,) = edit(em, [third])
+            expected = _snapshot(model)
+            em.rollback(rec.id)
+            rebuilt = em._method_states["alphaedit"]
+            assert rebuilt.requests == two.requests == 4
+            for layer, gram in two.preserved.items():
+                assert torch.equal(rebuilt.preserved[layer], gram)
+            assert not torch.equal(two.preserved[1], after_first.preserved[1])
+
+        # a second process: the two batches are re-applied, the state rebuilt from their keys
+        stats2 = KeyStatistics(MIXED, root=root, progress=False)  # same disk cache, no pins
+        fresh, tok2 = tiny_llama()
+        mem = EditMemory.open(tmp_path / "a", embedder=HashingEmbedder())
+        with _wrap(fresh, tok2, mem, stats2) as again:
+            state = again._method_states["alphaedit"]
+            assert state.requests == 4 and stats2.computed == 0
+            for layer, gram in two.preserved.items():
+                assert torch.equal(state.preserved[layer], gram)
+            edit(again, [third])
+            assert _same(fresh, expected)  # the same third edit, bit for bit

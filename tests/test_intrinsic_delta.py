@@ -145,6 +145,29 @@ def test_save_load_apply_reproduces_the_edit_exactly(tmp_path: Path) -> None:
     assert _equal(fresh, edited)
 
 
+def test_extras_travel_with_the_delta_and_are_checked(tmp_path: Path) -> None:
+    """Tensors a method keeps beside its weights (AlphaEdit's keys) are saved, loaded and
+    hash-checked with the delta; a delta without extras loads with none."""
+    model, tok = tiny_llama(seed=0)
+    delta = apply_edit("ft-m", model, tok, [REQUEST], FT)
+    keys = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    plain = WeightDelta.from_bytes(delta.to_bytes())
+    assert plain.extras == {}
+    delta.extras["method.keys.1"] = keys
+    for loaded in (
+        WeightDelta.from_bytes(delta.to_bytes()),
+        WeightDelta.load(delta.save(tmp_path / "d")),
+    ):
+        assert list(loaded.extras) == ["method.keys.1"]
+        assert torch.equal(loaded.extras["method.keys.1"], keys)
+        assert list(loaded.tensors) == [f"{DOWN1}.weight"]  # an extra is not a weight
+    meta = json.loads((tmp_path / "d" / "delta.json").read_text())
+    meta["extras"]["method.keys.1"]["sha256"] = "0" * 64
+    (tmp_path / "d" / "delta.json").write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match=r"method\.keys\.1"):
+        WeightDelta.load(tmp_path / "d")
+
+
 def test_apply_to_refuses_another_base_model(tmp_path: Path) -> None:
     model, tok = tiny_llama(seed=0)
     apply_edit("ft-l", model, tok, [REQUEST], FT).save(tmp_path / "d")
