@@ -61,6 +61,18 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
         raise NonFiniteUpdateError(msg)
 
 
+def _describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """dtype, shape and sha256 of each tensor, as the metadata records (and loading checks)."""
+    return {
+        name: {
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "sha256": _tensor_sha256(t),
+        }
+        for name, t in tensors.items()
+    }
+
+
 def _tensor_sha256(t: torch.Tensor) -> str:
     import torch
 
@@ -328,22 +340,8 @@ class WeightDelta:
             "base_digest": self.base_digest,
             "requests": self.requests,
             "info": self.info,
-            "extras": {
-                name: {
-                    "dtype": str(t.dtype).removeprefix("torch."),
-                    "shape": list(t.shape),
-                    "sha256": _tensor_sha256(t),
-                }
-                for name, t in self.extras.items()
-            },
-            "tensors": {
-                name: {
-                    "dtype": str(t.dtype).removeprefix("torch."),
-                    "shape": list(t.shape),
-                    "sha256": _tensor_sha256(t),
-                }
-                for name, t in self._after.items()
-            },
+            "extras": _describe(self.extras),
+            "tensors": _describe(self._after),
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 

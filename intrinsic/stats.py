@@ -577,6 +577,8 @@ class KeyStatistics:
         cached (on disk or in memory), without computing any; True if pinned. A wrapper that
         re-applies saved edits to a fresh base model calls this first, so later edits use the
         same statistics as the process that made the first edit."""
+        import torch
+
         if not self.pin:
             return False
         pinned = self._pinned.setdefault(model, {})
@@ -587,7 +589,8 @@ class KeyStatistics:
         if mom2 is None:
             if not (self.disk and path.is_file()):
                 return False
-            mom2 = self._load_or_compute(model, None, layer, n_tokens, path)  # type: ignore[arg-type]
+            mom2 = _read(path).to(torch.float64)
+            self.loaded += 1
             self._memory[str(path)] = mom2
         pinned[(layer, n_tokens)] = mom2
         return True
