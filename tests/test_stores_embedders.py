@@ -79,6 +79,37 @@ def test_minilm_backends_agree_and_share_one_identity() -> None:
     np.testing.assert_allclose(single, a, atol=2e-5)
 
 
+def test_minilm_rejects_a_bad_bf16_min_batch() -> None:
+    with pytest.raises(InvalidRequestError, match="bf16_min_batch"):
+        MiniLMEmbedder(bf16_min_batch=0)
+
+
+@pytest.mark.integration
+def test_large_batches_use_bf16_where_native_and_agree_with_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memedit.datasets import load_requests
+    from memedit.stores import embedders
+
+    if not embedders.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bfloat16 matrix units (AMX / AVX512-BF16)")
+    texts = [r.prompt for r in load_requests("CounterFact", limit=40)]
+    fp32 = MiniLMEmbedder(bf16_min_batch=None).encode(texts)
+    mixed = MiniLMEmbedder(bf16_min_batch=16)
+    np.testing.assert_allclose(mixed.encode(texts[:15]), fp32[:15], atol=2e-5)  # fp32 path
+    bf16 = mixed.encode(texts)
+    assert mixed._bf16 is not False and mixed._bf16 is not None  # the bf16 copy was used
+    assert not np.array_equal(bf16, fp32)  # it really is another computation ...
+    cos = (bf16 * fp32).sum(axis=1)
+    assert cos.min() >= embedders.BF16_MIN_COSINE, cos.min()  # ... of the same function
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    # a copy that fails its agreement check is refused, and large batches stay in fp32
+    monkeypatch.setattr(embedders, "BF16_MIN_COSINE", 1.5)
+    strict = MiniLMEmbedder(bf16_min_batch=16)
+    assert strict.encode(texts).tobytes() == fp32.tobytes()
+    assert strict._bf16 is False
+
+
 @pytest.mark.integration
 def test_default_memory_retrieves_real_rephrasings(tmp_path: Path) -> None:
     from memedit.datasets import load_requests
