@@ -201,6 +201,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(model=args.model, memory=args.memory, write=_out)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from memedit.editable import EditableModel
+    from memedit.integrations.server import serve
+
+    keys = [*args.api_key, *filter(None, os.environ.get("MEMEDIT_API_KEYS", "").split(","))]
+    em = EditableModel.load(args.model, memory=args.memory, url=args.url)
+    serve(em, host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memedit", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -319,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--write", default="RESULTS.md")
     res.add_argument("--notes", default=None, help="Markdown appended after the tables")
     res.set_defaults(fn=_cmd_results)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible chat + edits API over HTTP")
+    sv.add_argument("--model", default=None, help="catalogue name, path or hub id")
+    sv.add_argument("--memory", default=None, help="edit memory directory")
+    sv.add_argument("--url", default=None, help="SQLAlchemy URL of the edit log")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", action="append", default=[], help="write key (repeatable)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.set_defaults(fn=_cmd_serve)
     return p
 
 

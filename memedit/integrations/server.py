@@ -1,0 +1,343 @@
+"""An OpenAI-compatible HTTP service in front of an `EditableModel`, plus an edits API.
+
+``create_app(editable, api_keys=...)`` returns a FastAPI app:
+
+* ``POST /v1/chat/completions`` — OpenAI chat completions (``stream: true`` answers as SSE);
+  each answer carries the scope decision in a ``memedit`` field and ``X-Memedit-*`` headers.
+* ``POST /v1/edits`` (one edit), ``POST /v1/edits/batch``, ``GET /v1/edits``,
+  ``GET /v1/edits/{id}``, ``POST /v1/edits/{id}/rollback`` — writes need an API key
+  (``Authorization: Bearer KEY`` or ``X-API-Key``); refused writes are logged.
+* ``GET /health``; the OpenAPI spec at ``/openapi.json``.
+
+Errors are JSON ``{"error": {"message", "type", "param"}}``; bodies over ``max_body_bytes``
+are refused with 413 before they are parsed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from memedit.errors import AlreadyRolledBackError, EditNotFoundError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from memedit.editable import EditableModel
+    from memedit.types import Answer, EditRecord
+
+log = logging.getLogger(__name__)
+
+#: Largest request body accepted (bytes) unless told otherwise.
+MAX_BODY_BYTES = 1 << 20
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies larger than `limit` bytes with a JSON 413."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_413(send, int(declared), self.limit)
+            return
+        seen = 0
+
+        async def limited() -> MutableMapping[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(seen)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge as exc:
+            await _send_413(send, exc.size, self.limit)
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+async def _send_413(send: Send, size: int, limit: int) -> None:
+    body = _error_body(
+        f"request body is {size} bytes or more; the limit is {limit}", "request_too_large", None
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_body(message: str, kind: str, param: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": param}}).encode()
+
+
+def record_to_dict(record: EditRecord) -> dict[str, Any]:
+    """An edit record as the API returns it."""
+    return {
+        "id": record.id,
+        "status": record.status,
+        "strategy": record.strategy,
+        "method": record.method,
+        "batch_id": record.batch_id,
+        "created_at": record.created_at.isoformat(),
+        "rolled_back_at": record.rolled_back_at.isoformat() if record.rolled_back_at else None,
+        "request": record.request.to_dict(),
+    }
+
+
+def create_app(
+    editable: EditableModel,
+    *,
+    api_keys: Iterable[str] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
+    model_id: str = "memedit",
+) -> FastAPI:
+    """The HTTP app serving `editable` (see the module docstring)."""
+    keys = tuple(k for k in api_keys if k)
+    lock = threading.Lock()  # the model, scope classifier and memory are used one call at a time
+    app = FastAPI(title="memedit", version="0.1.0")
+
+    def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+        return JSONResponse(
+            status_code=status,
+            content={"error": {"message": message, "type": kind, "param": param}},
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(422, f"{loc or 'body'}: {first.get('msg', 'invalid')}", "invalid_request", loc)
+
+    def authorised(request: Request) -> bool:
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization") or ""
+        if auth.lower().startswith("bearer "):
+            given = given or auth[7:].strip()
+        ok = bool(given) and any(hmac.compare_digest(given, k) for k in keys)
+        if not ok:
+            client = request.client.host if request.client else "?"
+            log.warning(
+                "refused unauthenticated write %s %s from %s (%s)",
+                request.method,
+                request.url.path,
+                client,
+                "no key" if not given else "invalid key",
+            )
+        return ok
+
+    async def json_body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequestError(
+                f"request body is not valid JSON: {exc}", field="body"
+            ) from exc
+
+    @app.exception_handler(InvalidRequestError)
+    async def _bad(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return error(400 if exc.field == "body" else 422, str(exc), "invalid_request", exc.field)
+
+    @app.exception_handler(EditNotFoundError)
+    async def _missing(request: Request, exc: EditNotFoundError) -> JSONResponse:
+        return error(404, str(exc), "not_found", "edit_id")
+
+    @app.exception_handler(AlreadyRolledBackError)
+    async def _twice(request: Request, exc: AlreadyRolledBackError) -> JSONResponse:
+        return error(409, str(exc), "conflict", "edit_id")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "edits": len(editable.memory), "model": model_id}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_id, "object": "model"}]}
+
+    def add(items: list[Any], strategy: str, method: str | None) -> list[dict[str, Any]]:
+        with lock:
+            records = editable.edit(items, strategy=strategy, method=method)
+        return [record_to_dict(r) for r in records]
+
+    @app.post("/v1/edits", status_code=201, response_model=None)
+    async def create_edit(request: Request) -> Any:
+        if not authorised(request):
+            return error(401, "writes need a valid API key", "unauthorized")
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidRequestError("an edit must be a JSON object", field="body")
+        strategy = body.pop("strategy", "memory")
+        method = body.pop("method", None)
+        return add([body], strategy, method)[0]
+
+    @app.post("/v1/edits/batch", status_code=201, response_model=None)
+    async def create_edits(request: Request) -> Any:
+        if not authorised(request):
+            return error(401, "writes need a valid API key", "unauthorized")
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+            msg = "a batch must be a JSON object with a list 'requests'"
+            raise InvalidRequestError(msg, field="requests")
+        out = add(body["requests"], body.get("strategy", "memory"), body.get("method"))
+        return {"object": "list", "data": out}
+
+    @app.get("/v1/edits")
+    def list_edits(
+        status: str = "active", subject: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        if status not in ("active", "rolled_back", "all"):
+            msg = f"status must be active, rolled_back or all, got {status!r}"
+            raise InvalidRequestError(msg, field="status", value=status)
+        records = editable.edits(include_rolled_back=status != "active")
+        if status == "rolled_back":
+            records = [r for r in records if not r.active]
+        if subject:
+            records = [r for r in records if r.request.subject == subject]
+        page = records[max(offset, 0) : max(offset, 0) + max(min(limit, 1000), 0)]
+        return {"object": "list", "total": len(records), "data": [record_to_dict(r) for r in page]}
+
+    @app.get("/v1/edits/{edit_id}")
+    def get_edit(edit_id: int) -> dict[str, Any]:
+        return record_to_dict(editable.memory.get(edit_id))
+
+    @app.post("/v1/edits/{edit_id}/rollback", response_model=None)
+    def rollback(edit_id: int, request: Request) -> Any:
+        if not authorised(request):
+            return error(401, "writes need a valid API key", "unauthorized")
+        with lock:
+            return record_to_dict(editable.rollback(edit_id))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Any:
+        body = await json_body(request)
+        messages, max_tokens, stream = _check_chat(body)
+        import anyio
+
+        def run() -> Answer:
+            with lock:
+                return editable.chat(messages, max_new_tokens=max_tokens)
+
+        answer = await anyio.to_thread.run_sync(run)
+        d = answer.decision
+        headers = {
+            "X-Memedit-In-Scope": "true" if d.in_scope else "false",
+            "X-Memedit-Edits": ",".join(str(i) for i in d.used_edit_ids),
+        }
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        name = str(body.get("model") or model_id)
+        if stream:
+
+            async def events() -> AsyncIterator[bytes]:
+                base = {"id": cid, "object": "chat.completion.chunk", "created": created}
+                base["model"] = name
+                pieces = [{"role": "assistant", "content": ""}, {"content": answer.text}]
+                for delta in pieces:
+                    chunk = {**base, "choices": [{"index": 0, "delta": delta}]}
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                last["memedit"] = d.to_dict()
+                yield f"data: {json.dumps(last)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        content = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer.text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "memedit": d.to_dict(),
+        }
+        return JSONResponse(content=content, headers=headers)
+
+    return BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
+
+
+def _check_chat(body: Any) -> tuple[list[dict[str, str]], int | None, bool]:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", field="body")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        msg = f"messages must be a non-empty list, got {type(messages).__name__}"
+        raise InvalidRequestError(msg, field="messages", value=messages)
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            msg = f"messages[{i}] must be an object with a string 'content'"
+            raise InvalidRequestError(msg, field=f"messages[{i}]", value=m)
+        if m.get("role") not in ("system", "user", "assistant"):
+            msg = f"messages[{i}].role must be system, user or assistant, got {m.get('role')!r}"
+            raise InvalidRequestError(msg, field=f"messages[{i}].role", value=m.get("role"))
+        out.append({"role": m["role"], "content": m["content"]})
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        msg = f"max_tokens must be a positive integer, got {max_tokens!r}"
+        raise InvalidRequestError(msg, field="max_tokens", value=max_tokens)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        msg = f"stream must be a boolean, got {stream!r}"
+        raise InvalidRequestError(msg, field="stream", value=stream)
+    return out, max_tokens, stream
+
+
+def serve(
+    editable: EditableModel,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_keys: Iterable[str] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
+    model_id: str = "memedit",
+) -> None:
+    """Run the app on uvicorn until SIGINT/SIGTERM; uvicorn finishes the requests in flight
+    (each accepted edit is committed to the log before its response), then the memory is
+    closed (index saved)."""
+    import uvicorn
+
+    app = create_app(editable, api_keys=api_keys, max_body_bytes=max_body_bytes, model_id=model_id)
+    if not tuple(api_keys):
+        log.warning("no API key configured: every write to the edits API will be refused")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        editable.close()

@@ -1,0 +1,141 @@
+"""The HTTP service on a real uvicorn (loopback, free port) over a black-box chat callable:
+edits API, auth, validation, chat with the scope decision, SSE streaming."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from memedit.editable import EditableModel  # noqa: E402
+from memedit.integrations.server import create_app  # noqa: E402
+from memedit.stores.embedders import HashingEmbedder  # noqa: E402
+from memedit.stores.memory import EditMemory  # noqa: E402
+
+from .test_editable import OverlapScope  # noqa: E402
+
+KEY = "test-key"
+EDIT = {
+    "prompt": "The place of death of Leo Arons is",
+    "target_new": "Berlin",
+    "subject": "Leo Arons",
+}
+
+
+def echo(messages: list[dict[str, str]]) -> str:
+    return json.dumps(messages)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Iterator[str]:
+    mem = EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder())
+    em = EditableModel(memory=mem, scope=OverlapScope(), chat_fn=echo)
+    app = create_app(em, api_keys=[KEY], max_body_bytes=4096)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join()
+    em.close()
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_edit_chat_rollback_roundtrip(base: str) -> None:
+    with httpx.Client(base_url=base) as c:
+        r = c.post("/v1/edits", json=EDIT, headers=_auth())
+        assert r.status_code == 201, r.text
+        eid = r.json()["id"]
+        assert c.get(f"/v1/edits/{eid}").json()["request"]["target_new"] == "Berlin"
+        msgs = [{"role": "user", "content": "Where did Leo Arons die?"}]
+        r = c.post("/v1/chat/completions", json={"model": "x", "messages": msgs})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["memedit"]["used_edit_ids"] == [eid]
+        assert r.headers["x-memedit-in-scope"] == "true"
+        assert "Berlin" in body["choices"][0]["message"]["content"]  # fact sent upstream
+        other = [{"role": "user", "content": "What is the capital of France?"}]
+        r = c.post("/v1/chat/completions", json={"messages": other})
+        assert r.json()["memedit"]["in_scope"] is False
+        assert json.loads(r.json()["choices"][0]["message"]["content"]) == other  # unchanged
+        assert c.post(f"/v1/edits/{eid}/rollback", headers=_auth()).json()["status"] == (
+            "rolled_back"
+        )
+        r = c.post(f"/v1/edits/{eid}/rollback", headers=_auth())
+        assert r.status_code == 409 and "already rolled back" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"messages": msgs})
+        assert r.json()["memedit"]["in_scope"] is False
+        assert c.get("/v1/edits", params={"status": "rolled_back"}).json()["total"] == 1
+        assert c.get("/v1/edits").json()["total"] == 0
+
+
+def test_batch_and_stream(base: str) -> None:
+    with httpx.Client(base_url=base) as c:
+        other = {**EDIT, "prompt": "Leo Arons was born in", "target_new": "Rome"}
+        r = c.post("/v1/edits/batch", json={"requests": [EDIT, other]}, headers=_auth())
+        assert r.status_code == 201 and len(r.json()["data"]) == 2
+        msgs = [{"role": "user", "content": "Where did Leo Arons die?"}]
+        with c.stream("POST", "/v1/chat/completions", json={"messages": msgs, "stream": True}) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+        text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        assert "Berlin" in text
+        assert chunks[-1]["memedit"]["in_scope"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        ({"content": b"{not json", "headers": _auth()}, 400, "body"),
+        ({"json": {**EDIT, "target_new": 5}, "headers": _auth()}, 422, "target_new"),
+        ({"json": {**EDIT, "colour": "red"}, "headers": _auth()}, 422, "colour"),
+        ({"json": {"prompt": "x" * 5000, "target_new": "y"}, "headers": _auth()}, 413, None),
+        ({"json": EDIT}, 401, None),
+        ({"json": EDIT, "headers": {"Authorization": "Bearer wrong"}}, 401, None),
+    ],
+)
+def test_bad_writes_are_refused(
+    base: str, kwargs: dict[str, Any], status: int, param: str | None
+) -> None:
+    with httpx.Client(base_url=base) as c:
+        r = c.post("/v1/edits", **kwargs)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == param
+        assert r.json()["error"]["message"]
+        assert c.get("/v1/edits").json()["total"] == 0  # nothing written
+
+
+def test_unknown_edit_and_bad_chat(base: str) -> None:
+    with httpx.Client(base_url=base) as c:
+        r = c.get("/v1/edits/999")
+        assert r.status_code == 404 and "999" in r.json()["error"]["message"]
+        r = c.post("/v1/edits/999/rollback", headers=_auth())
+        assert r.status_code == 404
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "messages[0]"
+        r = c.post("/v1/chat/completions", json={"messages": [], "stream": True})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+        assert c.get("/health").json()["status"] == "ok"
+        assert "/v1/edits" in c.get("/openapi.json").json()["paths"]
