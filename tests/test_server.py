@@ -139,3 +139,61 @@ def test_unknown_edit_and_bad_chat(base: str) -> None:
         assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
         assert c.get("/health").json()["status"] == "ok"
         assert "/v1/edits" in c.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.postgres
+def test_two_servers_share_a_postgres_log(tmp_path: Path) -> None:
+    import os
+
+    url = os.environ.get("MEMEDIT_TEST_PG_URL")
+    if not url:
+        pytest.skip("postgres: MEMEDIT_TEST_PG_URL is not set")
+    import uuid
+
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    shared = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    servers = []
+    try:
+        for _ in range(2):
+            mem = EditMemory.open(url=shared, embedder=HashingEmbedder())
+            em = EditableModel(memory=mem, scope=OverlapScope(), chat_fn=echo)
+            port = _free_port()
+            cfg = uvicorn.Config(
+                create_app(em, api_keys=[KEY]), host="127.0.0.1", port=port, log_level="warning"
+            )
+            server = uvicorn.Server(cfg)
+            thread = threading.Thread(target=server.run, daemon=True)
+            thread.start()
+            while not server.started:
+                thread.join(0.02)
+            servers.append((server, thread, em, f"http://127.0.0.1:{port}"))
+        a, b = servers[0][3], servers[1][3]
+        eid = httpx.post(f"{a}/v1/edits", json=EDIT, headers=_auth()).json()["id"]
+        msgs = {"messages": [{"role": "user", "content": "Where did Leo Arons die?"}]}
+        seen = None
+        for _ in range(100):  # B syncs at most every 0.2 s
+            seen = httpx.post(f"{b}/v1/chat/completions", json=msgs).json()["memedit"]
+            if seen["in_scope"]:
+                break
+            threading.Event().wait(0.05)
+        assert seen is not None and seen["used_edit_ids"] == [eid]
+        httpx.post(f"{b}/v1/edits/{eid}/rollback", headers=_auth()).raise_for_status()
+        for _ in range(100):
+            seen = httpx.post(f"{a}/v1/chat/completions", json=msgs).json()["memedit"]
+            if not seen["in_scope"]:
+                break
+            threading.Event().wait(0.05)
+        assert seen["in_scope"] is False
+    finally:
+        for server, thread, em, _ in servers:
+            server.should_exit = True
+            thread.join()
+            em.close()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()

@@ -121,11 +121,21 @@ def create_app(
     api_keys: Iterable[str] = (),
     max_body_bytes: int = MAX_BODY_BYTES,
     model_id: str = "memedit",
+    sync_interval: float = 0.2,
 ) -> FastAPI:
-    """The HTTP app serving `editable` (see the module docstring)."""
+    """The HTTP app serving `editable` (see the module docstring). Before a read, the index
+    picks up edits other processes wrote to a shared log (`EditMemory.sync`, checked at most
+    every `sync_interval` seconds: one generation query; a rebuild only when it moved)."""
     keys = tuple(k for k in api_keys if k)
     lock = threading.Lock()  # the model, scope classifier and memory are used one call at a time
     app = FastAPI(title="memedit", version="0.1.0")
+    last_sync = [0.0]
+
+    def synced() -> None:
+        now = time.monotonic()
+        if now - last_sync[0] >= sync_interval:
+            editable.memory.sync()
+            last_sync[0] = now
 
     def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
         return JSONResponse(
@@ -246,6 +256,7 @@ def create_app(
 
         def run() -> Answer:
             with lock:
+                synced()
                 return editable.chat(messages, max_new_tokens=max_tokens)
 
         answer = await anyio.to_thread.run_sync(run)
