@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from memedit.locate import GROUPS, TraceConfig, group_positions, recommend, trace_fact
 from tests.tiny import tiny_llama
