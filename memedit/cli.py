@@ -195,6 +195,23 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_locate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from memedit.locate import run_locate, spec_hint
+
+    doc = run_locate(
+        args.model, n=args.n, out=Path(args.out), samples=args.samples, progress=not args.quiet
+    )
+    rec = doc["recommendation"]
+    _out(
+        f"{doc['facts_known']} of {doc['facts_examined']} facts known; traced {doc['facts_traced']}"
+    )
+    _out(f"ROME layer {rec['rome_layer']}; MEMIT/AlphaEdit layers {rec['memit_layers']}")
+    _out(spec_hint(doc))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from memedit.demo import run_demo
 
@@ -331,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--write", default="RESULTS.md")
     res.add_argument("--notes", default=None, help="Markdown appended after the tables")
     res.set_defaults(fn=_cmd_results)
+    loc = sub.add_parser("locate", help="causal tracing: where the model stores facts")
+    loc.add_argument("--model", default=None, help="catalogue name, directory or hub id")
+    loc.add_argument("--n", type=int, default=200, help="known facts to trace")
+    loc.add_argument("--out", default="docs/locate", help="heatmaps and effects.json go here")
+    loc.add_argument("--samples", type=int, default=3, help="noise draws per fact")
+    loc.add_argument("--quiet", action="store_true", help="no progress bars")
+    loc.set_defaults(fn=_cmd_locate)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible chat + edits API over HTTP")
     sv.add_argument("--model", default=None, help="catalogue name, path or hub id")
