@@ -246,7 +246,6 @@ class MiniLMEmbedder:
     # -- onnx
     def _load_onnx(self, threads: int | None) -> None:
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         onnx_file = ensure_onnx_export(self.model_path)
         opts = ort.SessionOptions()
@@ -257,10 +256,7 @@ class MiniLMEmbedder:
         self._session = ort.InferenceSession(
             str(onnx_file), opts, providers=["CPUExecutionProvider"]
         )
-        tok = Tokenizer.from_file(str(self.model_path / "tokenizer.json"))
-        tok.no_padding()
-        tok.enable_truncation(MINILM_MAX_TOKENS)
-        self._tokenizer = tok
+        self._tokenizer = _minilm_tokenizer(self.model_path)
 
     def _onnx_batch(self, texts: list[str]) -> NDArray[np.float32]:
         out: NDArray[np.float32] = self._session.run(None, _onnx_feeds(self._tokenizer, texts))[0]
@@ -276,16 +272,12 @@ class MiniLMEmbedder:
 
     def _load_bf16(self) -> Any:
         import torch
-        from tokenizers import Tokenizer
         from transformers import AutoModel
 
         bert = AutoModel.from_pretrained(str(self.model_path), attn_implementation="sdpa")
         bert = bert.eval().to(torch.bfloat16)
         if self._tokenizer is None:
-            tok = Tokenizer.from_file(str(self.model_path / "tokenizer.json"))
-            tok.no_padding()
-            tok.enable_truncation(MINILM_MAX_TOKENS)
-            self._tokenizer = tok
+            self._tokenizer = _minilm_tokenizer(self.model_path)
         texts = list(_CHECK_TEXTS)
         ref = _normalise(self._fp32_batch(texts))
         got = _normalise(_bf16_forward(bert, self._tokenizer, texts, self._threads))
@@ -326,6 +318,16 @@ class MiniLMEmbedder:
                 idx = order[start : start + self.batch_size]
                 out[idx] = self._fp32_batch([items[k] for k in idx])
         return _normalise(out)
+
+
+def _minilm_tokenizer(model_path: Path) -> Any:
+    """MiniLM's fast tokenizer, unpadded (the batch helpers pad) and truncated to its limit."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(MINILM_MAX_TOKENS)
+    return tok
 
 
 def _bf16_forward(
