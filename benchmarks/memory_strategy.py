@@ -32,6 +32,7 @@ def main() -> None:
     from memedit.datasets import load_requests
     from memedit.editable import EditableModel
     from memedit.metrics import locality_agreement, predicted_tokens, teacher_forced_accuracy
+    from memedit.scope.evaluate import asks_edited_fact
 
     reqs = load_requests(args.dataset, limit=args.limit)
     t0 = time.perf_counter()
@@ -47,11 +48,12 @@ def main() -> None:
     if args.dataset == "ZsRE" and annotation.is_file():
         note = json.loads(annotation.read_text())
         same_rel, examined = set(note["indices"]), int(note["records_examined"])
-    loc, first, same, judged = [], [], [], []
+    loc, first, same, judged, old_answer = [], [], [], [], []
     for i, r in enumerate(reqs):
         for j, p in enumerate(r.locality):
             if p.answers:
                 loc.append((p.prompt, p.answers[0]))
+                old_answer.append(asks_edited_fact(r, p))
                 first.append(j == 0)
                 same.append(j == 0 and i in same_rel)
                 judged.append(j == 0 and i < examined)
@@ -106,6 +108,12 @@ def main() -> None:
         print(
             f"Locality, first prompts asking another relation {pct(other)} (n={len(other)}; "
             f"{sum(same)} annotated as the edited relation)"
+        )
+    if any(old_answer):
+        rest = [v for v, o in zip(locality, old_answer, strict=True) if not o]
+        print(
+            f"Locality, without the {sum(old_answer)} prompts whose answer is the edit's old "
+            f"answer {pct(rest)} (n={len(rest)})"
         )
     print(f"edit prompts routed in scope     {in_scope_edit}/{len(reqs)}")
     print(f"locality prompts routed in scope {in_scope_loc}/{len(loc)}")

@@ -25,7 +25,12 @@ import numpy as np
 from memedit.datasets import load_requests
 from memedit.scope import load_scope_classifier
 from memedit.scope.encoder import TokenEncoder
-from memedit.scope.evaluate import evaluate_memory, evaluate_own_edit, queries_of
+from memedit.scope.evaluate import (
+    asks_edited_fact,
+    evaluate_memory,
+    evaluate_own_edit,
+    queries_of,
+)
 from memedit.scope.features import content_words
 from memedit.types import EditRequest
 
@@ -77,6 +82,19 @@ def main() -> None:
             print(
                 f"  own edit, without the {n_same} locality prompts that name the edit's own "
                 f"relation: FPR {rest.fpr:.3f}"
+            )
+        old = {
+            (i, p.prompt)
+            for i, r in enumerate(requests)
+            for p in r.locality
+            if asks_edited_fact(r, p)
+        }
+        if old:
+            kept = [q for q in queries if not (q.locality and (q.record, q.text) in old)]
+            rest = evaluate_own_edit(scope, requests, kept)
+            print(
+                f"  own edit, without the {len(queries) - len(kept)} locality prompts whose "
+                f"answer is the edit's old answer: recall {rest.recall:.3f} FPR {rest.fpr:.3f}"
             )
         edit_vecs = np.stack(
             [e.sentence for e in scope.encoder.encode([r.prompt for r in requests])]

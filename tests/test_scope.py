@@ -269,3 +269,77 @@ def test_calibration_keeps_target_recall() -> None:
     scores = np.array([0.3, 0.9, 0.01, 0.2])
     t = calibrate(scores, mask, 0.97)
     assert t == pytest.approx(0.3, abs=1e-5) and t <= 0.3
+
+
+# ---------------------------------------------------------------------- question-form edits
+ASKED = EditRequest(
+    prompt="Who was the father of Leo Arons?",
+    target_new="Max Planck",
+    subject="Leo Arons",
+    ground_truth=("Albert Arons",),
+)
+
+
+def test_question_threshold_roundtrip_and_validation(tmp_path: Path) -> None:
+    head = _random_head(5, threshold=0.42)
+    head.question_threshold = 0.71
+    back = ScopeHead.load(head.save(tmp_path / "q.json"))
+    assert back.question_threshold == pytest.approx(0.71)
+    assert ScopeHead.load(_random_head(5).save(tmp_path / "none.json")).question_threshold is None
+    data = json.loads((tmp_path / "q.json").read_text())
+    for bad in (0.0, 1.0, "high"):
+        data["question_threshold"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(ScopeHeadError, match="question_threshold"):
+            ScopeHead.load(tmp_path / "bad.json")
+
+
+def test_question_threshold_moves_only_question_form_edits(encoder: TokenEncoder) -> None:
+    rng = np.random.default_rng(3)
+    plain = _random_head(n_features(384), threshold=0.4)
+    plain.w2 = rng.normal(size=plain.w2.shape).astype(np.float32) * 40.0  # spread the scores
+    plain.w1 = rng.normal(size=plain.w1.shape).astype(np.float32) * 0.05
+    shifted = ScopeHead(**{**plain.__dict__, "question_threshold": 0.7})
+    queries = [
+        "Who was Leo Arons' father?",
+        "The father of Leo Arons is",
+        "Leo Arons died in",
+        "Where did Leo Arons die?",
+        "2021 in film is followed by",
+        "Who is the mother of Leo Arons?",
+    ]
+    pairs = [(q, e) for q in queries for e in (ASKED, LEO, FILM)]
+    raw = MiniLMScopeClassifier(encoder, plain).score_batch(pairs)
+    moved = MiniLMScopeClassifier(encoder, shifted).score_batch(pairs)
+    asked = [e.prompt.endswith("?") for _, e in pairs]
+    assert any(asked) and not all(asked)
+    for r, m, q in zip(raw, moved, asked, strict=True):
+        if not q:
+            assert m == r  # cloze edits keep the head's own probability
+        else:
+            assert (m >= 0.4) == (r >= 0.7)  # one threshold, the question form's calibration
+            assert 0.0 <= m <= 1.0
+    assert any(q and 0.4 <= r < 0.7 for r, q in zip(raw, asked, strict=True))
+
+
+def test_asks_edited_fact_compares_old_answers_only() -> None:
+    from memedit.scope.evaluate import asks_edited_fact
+
+    same = Probe("The father of Leo Arons is", ("albert  ARONS",))
+    other = Probe("The place of death of Leo Arons is", ("Berlin",))
+    assert asks_edited_fact(ASKED, same)
+    assert not asks_edited_fact(ASKED, other)
+    assert not asks_edited_fact(LEO, same)  # no old answer known: never excluded
+
+
+def test_zsre_dev_locality_prompts_that_ask_the_edited_fact(knowedit: Path) -> None:
+    from memedit.datasets import load_requests
+    from memedit.scope.evaluate import asks_edited_fact
+
+    reqs = load_requests("ZsRE")
+    hits = [(r.prompt, p.prompt) for r in reqs for p in r.locality if asks_edited_fact(r, p)]
+    assert len(hits) == 220 and sum(len(r.locality) for r in reqs) == 1560
+    assert (
+        "What constellation is home to Butterfly Cluster?",
+        "The constellation of Butterfly Cluster is",
+    ) in hits

@@ -99,15 +99,48 @@ class MiniLMScopeClassifier:
         return np.stack([pair_features(qenc[q], s) for q, s in zip(queries, sides, strict=True)])
 
     def score_batch(self, pairs: Sequence[tuple[str, EditRequest]]) -> list[float]:
-        """One probability per (query, edit) pair."""
+        """One probability per (query, edit) pair.
+
+        Where the head carries a ``question_threshold``, a question-form edit's score is
+        moved on the logit scale so that it reaches the head's ``threshold`` exactly when the
+        raw probability reaches ``question_threshold``: one threshold then serves both forms.
+        """
         if not pairs:
             return []
-        return [float(p) for p in self.head.predict(self.features(pairs))]
+        probs = self.head.predict(self.features(pairs))
+        qt = self.head.question_threshold
+        if qt is not None:
+            shift = _logit(self.head.threshold) - _logit(qt)
+            question = np.array([is_question(r.prompt) for _, r in pairs])
+            probs = np.where(question, _sigmoid(_logit_array(probs) + shift), probs)
+        return [float(p) for p in probs]
 
     def score(self, query: str, candidates: Sequence[EditRequest]) -> list[float]:
         """One probability per candidate that `query` asks about its fact."""
         check_query(query)
         return self.score_batch([(query, c) for c in check_candidates(candidates)])
+
+
+def is_question(prompt: str) -> bool:
+    """A question-form edit prompt (ZsRE style: "Who was X's father?"), not a cloze."""
+    return prompt.rstrip().endswith("?")
+
+
+_EPS = 1e-7
+
+
+def _logit(p: float) -> float:
+    q = min(max(p, _EPS), 1.0 - _EPS)
+    return float(np.log(q / (1.0 - q)))
+
+
+def _logit_array(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p.astype(np.float64), _EPS, 1.0 - _EPS)
+    return np.asarray(np.log(q / (1.0 - q)))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0))))
 
 
 def load_scope_classifier(

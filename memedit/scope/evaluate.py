@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memedit.scope.base import ScopeClassifier
-from memedit.types import EditRequest
+from memedit.types import EditRequest, Probe
 
 POSITIVE_KINDS = ("prompt", "rephrase")
 
@@ -47,6 +47,26 @@ def queries_of(requests: Sequence[EditRequest], *, portability: bool = False) ->
         if portability:
             out.extend(Query(p.prompt, i, f"portability:{p.kind}") for p in r.portability)
     return out
+
+
+def _norm(answer: str) -> str:
+    return " ".join(answer.lower().split())
+
+
+def asks_edited_fact(request: EditRequest, probe: Probe) -> bool:
+    """A locality probe whose expected answer is one of the edit's *old* answers.
+
+    KnowEdit's locality prompts share the edit's subject; when one also shares its pre-edit
+    answer ("The constellation of Butterfly Cluster is" → Scorpius, for the edit "What
+    constellation is home to Butterfly Cluster?" whose old answer is Scorpius) it asks the
+    edited fact itself in other words, so routing it to the edit is right even though the
+    benchmark counts its change against locality. Data-derived: no judgement of relations.
+    A different relation with the same answer (a film's director who also edited it) is
+    rare but possible, so figures without these probes are given beside, never instead of,
+    the figures over every probe.
+    """
+    old = {_norm(a) for a in request.ground_truth if a.strip()}
+    return bool(old) and any(_norm(a) in old for a in probe.answers)
 
 
 @dataclass

@@ -55,6 +55,9 @@ class ScopeHead:
     w2: np.ndarray  # (hidden,)
     b2: np.ndarray  # (1,)
     threshold: float = 0.5
+    #: Threshold calibrated for question-form edit prompts ("Who is X's father?"), whose
+    #: held-out rephrasings score lower than a cloze edit's; None: `threshold` for every edit.
+    question_threshold: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -74,13 +77,16 @@ class ScopeHead:
         return np.asarray(1.0 / (1.0 + np.exp(-np.clip(self.logits(x), -40, 40))))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "threshold": self.threshold,
             "meta": self.meta,
             "weights": {n: _encode_array(getattr(self, n)) for n in WEIGHT_NAMES},
         }
+        if self.question_threshold is not None:
+            out["question_threshold"] = self.question_threshold
+        return out
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -108,7 +114,18 @@ class ScopeHead:
         if not 0.0 <= threshold <= 1.0:
             msg = f"{p}: threshold {threshold!r} is outside [0, 1]"
             raise ScopeHeadError(msg)
-        head = cls(**arrays, threshold=threshold, meta=dict(data.get("meta", {})))
+        question = data.get("question_threshold")
+        if question is not None and (
+            not isinstance(question, (int, float)) or not 0.0 < float(question) < 1.0
+        ):
+            msg = f"{p}: question_threshold {question!r} is outside (0, 1)"
+            raise ScopeHeadError(msg)
+        head = cls(
+            **arrays,
+            threshold=threshold,
+            question_threshold=None if question is None else float(question),
+            meta=dict(data.get("meta", {})),
+        )
         n_in = head.n_inputs
         if head.mean.shape != (n_in,) or head.std.shape != (n_in,) or head.w2.ndim != 1:
             msg = f"{p}: inconsistent weight shapes"

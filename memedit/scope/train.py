@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from memedit.paths import file_sha256
-from memedit.scope.classifier import DEFAULT_HEAD
+from memedit.scope.classifier import DEFAULT_HEAD, is_question
 from memedit.scope.data import TRAIN_FILES, Pair, build_pairs, load_train_records
 from memedit.scope.encoder import (
     BASE_ENCODER,
@@ -47,6 +47,9 @@ class TrainConfig:
     dropout: float = 0.1
     folds: int = 5
     target_recall: float = 0.97
+    #: Recall kept on held-out question-form positives (ZsRE rephrasings and edit prompts) by
+    #: the head's ``question_threshold``; 0 leaves question-form edits on `target_recall`.
+    question_target_recall: float = 0.95
     rephrase_weight: float = 8.0
     seed: int = 0
     counterfact_limit: int = 3000
@@ -200,11 +203,26 @@ def train(
     y = np.array([p.label for p in pairs], dtype=np.float32)
     w = np.array([config.rephrase_weight if p.kind in REPHRASE_KINDS else 1.0 for p in pairs])
     oof = out_of_fold(x, y, w, pairs, config)
-    threshold = calibrate(oof, calibration_positives(pairs), config.target_recall)
-    report = {"threshold": threshold, "out_of_fold": rates(oof, pairs, threshold)}
+    positives = calibration_positives(pairs)
+    threshold = calibrate(oof, positives, config.target_recall)
+    report: dict[str, Any] = {"threshold": threshold, "out_of_fold": rates(oof, pairs, threshold)}
     log.info("out-of-fold threshold %.4f: %s", threshold, report["out_of_fold"])
+    question_threshold: float | None = None
+    question_pos = positives & np.array([is_question(p.edit) for p in pairs])
+    if config.question_target_recall > 0 and question_pos.any():
+        question_threshold = calibrate(oof, question_pos, config.question_target_recall)
+        question = np.array([is_question(p.edit) for p in pairs])
+        report["question_threshold"] = question_threshold
+        asked = [p for p, q in zip(pairs, question, strict=True) if q]
+        report["out_of_fold_question_edits"] = rates(oof[question], asked, question_threshold)
+        log.info(
+            "out-of-fold question-form threshold %.4f: %s",
+            question_threshold,
+            report["out_of_fold_question_edits"],
+        )
     final = fit_head(x, y, config, w)
     final.threshold = threshold
+    final.question_threshold = question_threshold
     files = {
         f"train/{TRAIN_FILES[ds]}": file_sha256(Path(knowedit) / "train" / TRAIN_FILES[ds])
         for ds in records
