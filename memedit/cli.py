@@ -225,8 +225,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from memedit.integrations.server import serve
 
     keys = [*args.api_key, *filter(None, os.environ.get("MEMEDIT_API_KEYS", "").split(","))]
-    em = EditableModel.load(args.model, memory=args.memory, url=args.url)
-    serve(em, host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes)
+    if args.upstream_model and not args.upstream:
+        raise InvalidRequestError("--upstream-model needs --upstream URL", field="upstream")
+    if args.upstream:
+        from memedit.integrations.upstream import OpenAIUpstream
+
+        if args.model:
+            msg = "--model and --upstream exclude each other: the upstream is the model"
+            raise InvalidRequestError(msg, field="model", value=args.model)
+        if not args.upstream_model:
+            raise InvalidRequestError("--upstream needs --upstream-model NAME", field="upstream")
+        key = os.environ.get("MEMEDIT_UPSTREAM_API_KEY") or None
+        up = OpenAIUpstream(args.upstream, args.upstream_model, api_key=key)
+        em = EditableModel.wrap_chat(up, memory=args.memory, url=args.url)
+        model_id = args.upstream_model
+    else:
+        em = EditableModel.load(args.model, memory=args.memory, url=args.url)
+        model_id = "memedit"
+    serve(
+        em,
+        host=args.host,
+        port=args.port,
+        api_keys=keys,
+        max_body_bytes=args.max_body_bytes,
+        model_id=model_id,
+    )
     return 0
 
 
@@ -364,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", action="append", default=[], help="write key (repeatable)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    sv.add_argument(
+        "--upstream",
+        default=None,
+        help="OpenAI-compatible base URL to forward chats to (its API key from "
+        "MEMEDIT_UPSTREAM_API_KEY); edits are placed in context for in-scope chats",
+    )
+    sv.add_argument("--upstream-model", default=None, help="model name sent to --upstream")
     sv.set_defaults(fn=_cmd_serve)
     return p
 

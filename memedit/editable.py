@@ -434,6 +434,10 @@ class EditableModel:
                 return self.memory.search_vectors(batch, self.config.k)[0]
         return self.memory.search(query, k=self.config.k)
 
+    def used_requests(self, decision: ScopeDecision) -> list[EditRequest]:
+        """The edits a decision puts in context (none when it is out of scope)."""
+        return self._used_requests(decision) if decision.in_scope else []
+
     def _used_requests(self, decision: ScopeDecision) -> list[EditRequest]:
         by_id = {h.record.id: h.record.request for h in decision.candidates}
         return [by_id[i] for i in decision.used_edit_ids]
@@ -534,17 +538,17 @@ class EditableModel:
     ) -> Answer:
         """Answer the last user message of a transcript with the edits applied."""
         msgs = check_messages(messages)
-        decision = self.route(msgs[-1]["content"])
-        edits = self._used_requests(decision) if decision.in_scope else []
         if self.model is None:
             assert self.chat_fn is not None
-            sent = _with_fact_context(msgs, edits) if edits else msgs
+            sent, decision = self.context_messages(msgs)
             reply = self.chat_fn(sent)
             if not isinstance(reply, str):
                 msg = f"the wrapped chat function returned {type(reply).__name__}, not str"
                 raise MemeditError(msg)
             return Answer(text=reply, decision=decision, prompt=json.dumps(sent))
         assert self.tokenizer is not None and self.counterfactual is not None
+        decision = self.route(msgs[-1]["content"])
+        edits = self._used_requests(decision) if decision.in_scope else []
         n = max_new_tokens or self.config.max_new_tokens
         if edits:
             text = self.counterfactual.build_chat_input(msgs, edits, self.tokenizer)
@@ -555,6 +559,19 @@ class EditableModel:
                 self.model, self.tokenizer, text, max_new_tokens=n, add_special_tokens=False
             )
         return Answer(text=out.strip(), decision=decision, prompt=text)
+
+    def context_messages(
+        self, messages: Sequence[Mapping[str, str]]
+    ) -> tuple[list[dict[str, str]], ScopeDecision]:
+        """What a black-box chat model is sent for `messages`: the transcript unchanged when
+        its last message is out of scope, else with the edits it is about stated in a system
+        message; and the decision behind it. (The memory strategy for any chat model that
+        memedit cannot run itself: an upstream server, a LangChain chat model.)"""
+        msgs = check_messages(messages)
+        decision = self.route(msgs[-1]["content"])
+        if not decision.in_scope:
+            return msgs, decision
+        return with_fact_context(msgs, self._used_requests(decision)), decision
 
     # ------------------------------------------------------------------ scoring (evaluator)
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
@@ -730,14 +747,19 @@ def _first_line_of(text: str) -> str:
     return lead + body.split("\n", 1)[0]
 
 
-def _with_fact_context(
+def fact_context(edits: Sequence[EditRequest]) -> str:
+    """The system text that states edited facts to a black-box chat model."""
+    facts = "\n".join(f"- {e.fact}" for e in edits)
+    lead = "Answer using these facts, which are true and override anything you knew before:"
+    return f"{lead}\n{facts}"
+
+
+def with_fact_context(
     messages: list[dict[str, str]], edits: Sequence[EditRequest]
 ) -> list[dict[str, str]]:
-    """For a black-box chat model: state the edited facts in a system message."""
-    facts = "\n".join(f"- {e.fact}" for e in edits)
-    system = (
-        f"Answer using these facts, which are true and override anything you knew before:\n{facts}"
-    )
+    """For a black-box chat model: state the edited facts in a system message (merged into
+    the transcript's own leading system message, if any)."""
+    system = fact_context(edits)
     if messages and messages[0]["role"] == "system":
         merged = {"role": "system", "content": f"{messages[0]['content']}\n\n{system}"}
         return [merged, *messages[1:]]

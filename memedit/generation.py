@@ -50,6 +50,13 @@ def check_messages(messages: object) -> list[dict[str, str]]:
     return out
 
 
+def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """`text` up to the first occurrence of any of the stop sequences (OpenAI's and
+    LangChain's ``stop``); unchanged when none occurs."""
+    found = [i for i in (text.find(s) for s in stop or () if s) if i >= 0]
+    return text[: min(found)] if found else text
+
+
 def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> str:
     """The model input for a transcript: the tokenizer's chat template where it has one,
     otherwise a plain "Role: content" transcript ending with "Assistant:"."""

@@ -70,3 +70,15 @@ def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `memedit serve` of the bare default model (no edits) on a loopback port, in a
+    subprocess: the OpenAI-compatible upstream of the proxy, LangChain and example tests. Its
+    root URL."""
+    from .serving import Served
+
+    log = tmp_path_factory.mktemp("bare-server") / "serve.log"
+    with Served([], log) as served:
+        yield served.url

@@ -138,7 +138,15 @@ def test_unknown_edit_and_bad_chat(base: str) -> None:
         r = c.post("/v1/chat/completions", json={"messages": [], "stream": True})
         assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
         assert c.get("/health").json()["status"] == "ok"
-        assert "/v1/edits" in c.get("/openapi.json").json()["paths"]
+        spec = c.get("/openapi.json").json()
+        body = spec["paths"]["/v1/edits"]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": "#/components/schemas/EditIn"}
+        schemas = spec["components"]["schemas"]
+        assert {"prompt", "target_new"} <= set(schemas["EditIn"]["required"])
+        assert schemas["ChatIn"]["properties"]["messages"]["items"] == {
+            "$ref": "#/components/schemas/ChatMessageIn"
+        }
+        assert "ChatMessageIn" in schemas and "EditBatchIn" in schemas
 
 
 @pytest.mark.postgres

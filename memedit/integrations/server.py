@@ -9,6 +9,12 @@
   (``Authorization: Bearer KEY`` or ``X-API-Key``); refused writes are logged.
 * ``GET /health``; the OpenAPI spec at ``/openapi.json``.
 
+When `editable` wraps an `OpenAIUpstream` (``memedit serve --upstream URL``), chats are
+forwarded to it: out-of-scope ones unchanged, in-scope ones with the edits stated in a system
+message (as `EditableModel.context_messages` does for any black box); the client's other
+fields go along, and ``stream: true`` is passed through as the upstream's SSE, with one more
+chunk carrying the ``memedit`` field before ``[DONE]``.
+
 Errors are JSON ``{"error": {"message", "type", "param"}}``; bodies over ``max_body_bytes``
 are refused with 413 before they are parsed.
 """
@@ -22,17 +28,24 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from memedit.errors import AlreadyRolledBackError, EditNotFoundError, InvalidRequestError
+from memedit.generation import cut_at_stop
+from memedit.integrations import schemas
+from memedit.integrations.upstream import OpenAIUpstream
 
 if TYPE_CHECKING:
+    import httpx
+
     from memedit.editable import EditableModel
-    from memedit.types import Answer, EditRecord
+    from memedit.types import Answer, EditRecord, ScopeDecision
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +141,35 @@ def create_app(
     every `sync_interval` seconds: one generation query; a rebuild only when it moved)."""
     keys = tuple(k for k in api_keys if k)
     lock = threading.Lock()  # the model, scope classifier and memory are used one call at a time
-    app = FastAPI(title="memedit", version="0.1.0")
+    upstream = editable.chat_fn if isinstance(editable.chat_fn, OpenAIUpstream) else None
+    clients: list[httpx.AsyncClient] = []  # the upstream's connection pool, in this loop
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    def client() -> httpx.AsyncClient:
+        import httpx
+
+        if not clients:
+            assert upstream is not None
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            clients.append(httpx.AsyncClient(timeout=upstream.timeout, limits=limits))
+        return clients[0]
+
+    app = FastAPI(title="memedit", version="0.1.0", lifespan=lifespan)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = schemas.add_components(spec)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     last_sync = [0.0]
 
     def synced() -> None:
@@ -195,12 +236,21 @@ def create_app(
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_id, "object": "model"}]}
 
-    def add(items: list[Any], strategy: str, method: str | None) -> list[dict[str, Any]]:
-        with lock:
-            records = editable.edit(items, strategy=strategy, method=method)
-        return [record_to_dict(r) for r in records]
+    async def add(items: list[Any], strategy: str, method: str | None) -> list[dict[str, Any]]:
+        import anyio
 
-    @app.post("/v1/edits", status_code=201, response_model=None)
+        def run() -> list[EditRecord]:
+            with lock:
+                return editable.edit(items, strategy=strategy, method=method)
+
+        return [record_to_dict(r) for r in await anyio.to_thread.run_sync(run)]
+
+    @app.post(
+        "/v1/edits",
+        status_code=201,
+        response_model=None,
+        openapi_extra=schemas.body(schemas.EditIn),
+    )
     async def create_edit(request: Request) -> Any:
         if not authorised(request):
             return error(401, "writes need a valid API key", "unauthorized")
@@ -209,9 +259,14 @@ def create_app(
             raise InvalidRequestError("an edit must be a JSON object", field="body")
         strategy = body.pop("strategy", "memory")
         method = body.pop("method", None)
-        return add([body], strategy, method)[0]
+        return (await add([body], strategy, method))[0]
 
-    @app.post("/v1/edits/batch", status_code=201, response_model=None)
+    @app.post(
+        "/v1/edits/batch",
+        status_code=201,
+        response_model=None,
+        openapi_extra=schemas.body(schemas.EditBatchIn),
+    )
     async def create_edits(request: Request) -> Any:
         if not authorised(request):
             return error(401, "writes need a valid API key", "unauthorized")
@@ -219,7 +274,7 @@ def create_app(
         if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
             msg = "a batch must be a JSON object with a list 'requests'"
             raise InvalidRequestError(msg, field="requests")
-        out = add(body["requests"], body.get("strategy", "memory"), body.get("method"))
+        out = await add(body["requests"], body.get("strategy", "memory"), body.get("method"))
         return {"object": "list", "data": out}
 
     @app.get("/v1/edits")
@@ -248,11 +303,24 @@ def create_app(
         with lock:
             return record_to_dict(editable.rollback(edit_id))
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post(
+        "/v1/chat/completions", response_model=None, openapi_extra=schemas.body(schemas.ChatIn)
+    )
     async def chat(request: Request) -> Any:
-        body = await json_body(request)
-        messages, max_tokens, stream = _check_chat(body)
         import anyio
+
+        body = await json_body(request)
+        messages, max_tokens, stream, stop = _check_chat(body)
+        name = str(body.get("model") or model_id)
+        if upstream is not None:
+
+            def decide() -> tuple[list[dict[str, str]], ScopeDecision]:
+                with lock:
+                    synced()
+                    return editable.context_messages(messages)
+
+            sent, decision = await anyio.to_thread.run_sync(decide)
+            return await forward(upstream.payload(body, sent), decision, stream)
 
         def run() -> Answer:
             with lock:
@@ -260,20 +328,16 @@ def create_app(
                 return editable.chat(messages, max_new_tokens=max_tokens)
 
         answer = await anyio.to_thread.run_sync(run)
+        text = cut_at_stop(answer.text, stop)
         d = answer.decision
-        headers = {
-            "X-Memedit-In-Scope": "true" if d.in_scope else "false",
-            "X-Memedit-Edits": ",".join(str(i) for i in d.used_edit_ids),
-        }
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        name = str(body.get("model") or model_id)
         if stream:
 
             async def events() -> AsyncIterator[bytes]:
                 base = {"id": cid, "object": "chat.completion.chunk", "created": created}
                 base["model"] = name
-                pieces = [{"role": "assistant", "content": ""}, {"content": answer.text}]
+                pieces = [{"role": "assistant", "content": ""}, {"content": text}]
                 for delta in pieces:
                     chunk = {**base, "choices": [{"index": 0, "delta": delta}]}
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
@@ -282,7 +346,9 @@ def create_app(
                 yield f"data: {json.dumps(last)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                events(), media_type="text/event-stream", headers=decision_headers(d)
+            )
         content = {
             "id": cid,
             "object": "chat.completion",
@@ -291,18 +357,66 @@ def create_app(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": answer.text},
+                    "message": {"role": "assistant", "content": text},
                     "finish_reason": "stop",
                 }
             ],
             "memedit": d.to_dict(),
         }
-        return JSONResponse(content=content, headers=headers)
+        return JSONResponse(content=content, headers=decision_headers(d))
+
+    async def forward(payload: dict[str, Any], d: ScopeDecision, stream: bool) -> Any:
+        import httpx
+
+        assert upstream is not None
+        url = upstream.completions_url
+        req = client().build_request("POST", url, json=payload, headers=upstream.headers)
+        try:
+            resp = await client().send(req, stream=stream)
+        except httpx.HTTPError as exc:
+            return error(502, f"upstream {url} could not be reached: {exc}", "upstream_error")
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode("utf-8", "replace")
+            await resp.aclose()
+            return error(
+                502, f"upstream {url} answered {resp.status_code}: {text[:500]}", "upstream_error"
+            )
+        if not stream:
+            try:
+                content = resp.json()
+            except ValueError:
+                return error(502, f"upstream {url} did not answer JSON", "upstream_error")
+            if isinstance(content, dict):
+                content["memedit"] = d.to_dict()
+            return JSONResponse(content=content, headers=decision_headers(d))
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for line in resp.aiter_lines():
+                    if line.strip() == "data: [DONE]":
+                        extra: dict[str, Any] = {"object": "chat.completion.chunk"}
+                        extra.update(choices=[], memedit=d.to_dict())
+                        yield f"data: {json.dumps(extra)}\n\n".encode()
+                    yield f"{line}\n".encode()
+            finally:
+                await resp.aclose()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers=decision_headers(d)
+        )
 
     return BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
 
 
-def _check_chat(body: Any) -> tuple[list[dict[str, str]], int | None, bool]:
+def decision_headers(d: ScopeDecision) -> dict[str, str]:
+    """The scope decision as response headers."""
+    return {
+        "X-Memedit-In-Scope": "true" if d.in_scope else "false",
+        "X-Memedit-Edits": ",".join(str(i) for i in d.used_edit_ids),
+    }
+
+
+def _check_chat(body: Any) -> tuple[list[dict[str, str]], int | None, bool, list[str]]:
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", field="body")
     messages = body.get("messages")
@@ -328,7 +442,12 @@ def _check_chat(body: Any) -> tuple[list[dict[str, str]], int | None, bool]:
     if not isinstance(stream, bool):
         msg = f"stream must be a boolean, got {stream!r}"
         raise InvalidRequestError(msg, field="stream", value=stream)
-    return out, max_tokens, stream
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+        msg = f"stop must be a string or a list of strings, got {stop!r}"
+        raise InvalidRequestError(msg, field="stop", value=stop)
+    return out, max_tokens, stream, stops
 
 
 def serve(
