@@ -1,20 +1,43 @@
-"""LangChain components over an `EditableModel`'s edit memory.
+"""LangChain components over an `EditableModel`.
 
-`EditMemoryRetriever` returns the edits a query is about as `Document`s (the edit as one
-sentence; ``edit_id``, retrieval ``score`` and scope probability ``scope`` in metadata).
+* `EditMemoryRetriever` returns the edits a query is about as `Document`s (the edit as one
+  sentence; ``edit_id``, retrieval ``score`` and scope probability ``scope`` in metadata).
+* `ChatMemedit` is a chat model that answers with the edits applied: around any LangChain
+  chat model (``llm=``, a black box: the memory strategy, edits stated in a system message
+  when the last human message is in scope, streaming when it streams), or the
+  `EditableModel`'s own local model (every strategy it holds). Each answer carries the scope
+  decision in ``response_metadata["memedit"]``.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+    CallbackManagerForRetrieverRun,
+)
 from langchain_core.documents import Document
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
-from memedit.editable import EditableModel
+from memedit.editable import EditableModel, fact_context
 from memedit.errors import InvalidRequestError
+from memedit.generation import cut_at_stop
+from memedit.types import ScopeDecision
 
 
 class EditMemoryRetriever(BaseRetriever):
@@ -55,3 +78,228 @@ class EditMemoryRetriever(BaseRetriever):
             for h, p in ranked
             if p >= threshold or not self.in_scope_only
         ]
+
+
+# one lock per EditableModel: its local model, scope classifier and memory answer one call at
+# a time (batch/abatch run calls in threads; in-scope calls switch adapter weights on)
+_LOCKS: weakref.WeakKeyDictionary[EditableModel, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(em: EditableModel) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(em, threading.Lock())
+
+
+class ChatMemedit(BaseChatModel):
+    """A LangChain chat model that answers with `editable`'s edits applied.
+
+    With ``llm`` (any LangChain chat model) the wrapped model is a black box: the last human
+    message is routed through the edit memory and scope classifier; out of scope the messages
+    go to ``llm`` unchanged, in scope with the edits it is about stated in a system message.
+    ``stream``/``astream`` stream when ``llm`` does. Without ``llm``, `editable`'s local model
+    answers (``EditableModel.chat``: the counterfactual path in scope, the model with its
+    in-weight edits otherwise), greedily, in one chunk when streamed.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    editable: EditableModel
+    llm: BaseChatModel | None = None
+    model_name: str = ""
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None  # reported for tracing; the local model decodes greedily
+    stop: list[str] | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "memedit"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self._name(), "black_box": self.llm is not None}
+
+    def _name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.llm is not None:
+            inner = getattr(self.llm, "model_name", None) or getattr(self.llm, "model", None)
+            return str(inner or self.llm._llm_type)
+        return self.editable.model_name or "memedit"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="memedit", ls_model_name=str(kwargs.get("model") or self._name())
+        )
+        params["ls_model_type"] = "chat"
+        if self.temperature is not None:
+            params["ls_temperature"] = self.temperature
+        n = kwargs.get("max_tokens", self.max_tokens)
+        if isinstance(n, int):
+            params["ls_max_tokens"] = n
+        stops = stop or self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    # ------------------------------------------------------------------ black box
+    def _routed(self, messages: list[BaseMessage]) -> tuple[list[BaseMessage], ScopeDecision]:
+        """The messages the wrapped chat model gets, and the decision behind them."""
+        em = self.editable
+        with _lock(em):
+            decision = em.route(_last_human_text(messages))
+            edits = em.used_requests(decision)
+        if not edits:
+            return messages, decision
+        facts = fact_context(edits)
+        if messages and isinstance(messages[0], SystemMessage):
+            head = SystemMessage(f"{messages[0].text}\n\n{facts}")
+            return [head, *messages[1:]], decision
+        return [SystemMessage(facts), *messages], decision
+
+    def _inner_kwargs(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        out = dict(kwargs)
+        stops = stop or self.stop
+        if stops:
+            out["stop"] = stops
+        return out
+
+    # ------------------------------------------------------------------ local model
+    def _local(self, messages: list[BaseMessage], stop: list[str] | None, n: Any) -> AIMessage:
+        em = self.editable
+        with _lock(em):
+            answer = em.chat(_as_dicts(messages), max_new_tokens=n or self.max_tokens)
+        text = cut_at_stop(answer.text, stop or self.stop)
+        meta = {"memedit": answer.decision.to_dict(), "model_name": self._name()}
+        return AIMessage(content=text, response_metadata=meta)
+
+    # ------------------------------------------------------------------ LangChain API
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.llm is None:
+            message = self._local(messages, stop, kwargs.get("max_tokens"))
+            return ChatResult(generations=[ChatGeneration(message=message)])
+        sent, decision = self._routed(messages)
+        reply = self.llm.invoke(sent, **self._inner_kwargs(stop, kwargs))
+        return ChatResult(generations=[ChatGeneration(message=_with_decision(reply, decision))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.llm is None:
+            return await super()._agenerate(messages, stop, run_manager, **kwargs)
+        import asyncio
+
+        sent, decision = await asyncio.to_thread(self._routed, messages)
+        reply = await self.llm.ainvoke(sent, **self._inner_kwargs(stop, kwargs))
+        return ChatResult(generations=[ChatGeneration(message=_with_decision(reply, decision))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        if self.llm is None:
+            message = self._local(messages, stop, kwargs.get("max_tokens"))
+            chunk = AIMessageChunk(
+                content=message.text,
+                response_metadata=message.response_metadata,
+                chunk_position="last",
+            )
+            if run_manager:
+                run_manager.on_llm_new_token(message.text, chunk=ChatGenerationChunk(message=chunk))
+            yield ChatGenerationChunk(message=chunk)
+            return
+        sent, decision = self._routed(messages)
+        first = True
+        for piece in self.llm.stream(sent, **self._inner_kwargs(stop, kwargs)):
+            chunk = _chunk(piece, decision if first else None)
+            first = False
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=ChatGenerationChunk(message=chunk))
+            yield ChatGenerationChunk(message=chunk)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        import asyncio
+
+        if self.llm is None:
+            message = await asyncio.to_thread(self._local, messages, stop, kwargs.get("max_tokens"))
+            chunk = AIMessageChunk(
+                content=message.text,
+                response_metadata=message.response_metadata,
+                chunk_position="last",
+            )
+            if run_manager:
+                await run_manager.on_llm_new_token(
+                    message.text, chunk=ChatGenerationChunk(message=chunk)
+                )
+            yield ChatGenerationChunk(message=chunk)
+            return
+        sent, decision = await asyncio.to_thread(self._routed, messages)
+        first = True
+        async for piece in self.llm.astream(sent, **self._inner_kwargs(stop, kwargs)):
+            chunk = _chunk(piece, decision if first else None)
+            first = False
+            if run_manager:
+                await run_manager.on_llm_new_token(
+                    chunk.text, chunk=ChatGenerationChunk(message=chunk)
+                )
+            yield ChatGenerationChunk(message=chunk)
+
+
+def _last_human_text(messages: Sequence[BaseMessage]) -> str:
+    for m in reversed(messages):
+        if isinstance(m, HumanMessage):
+            return m.text
+    msg = "the messages hold no human message to answer"
+    raise InvalidRequestError(msg, field="messages", value=[type(m).__name__ for m in messages])
+
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system"}
+
+
+def _as_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages as the local model's transcript (names are dropped)."""
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        role = _ROLES.get(m.type)
+        if role is None:
+            msg = (
+                f"messages[{i}] is a {type(m).__name__}; the local model takes system, human "
+                "and AI messages only"
+            )
+            raise InvalidRequestError(msg, field=f"messages[{i}]", value=m.type)
+        out.append({"role": role, "content": m.text})
+    return out
+
+
+def _with_decision(reply: BaseMessage, decision: ScopeDecision) -> AIMessage:
+    meta = {**reply.response_metadata, "memedit": decision.to_dict()}
+    if isinstance(reply, AIMessage):
+        return reply.model_copy(update={"response_metadata": meta})
+    return AIMessage(content=reply.content, response_metadata=meta)
+
+
+def _chunk(piece: BaseMessage, decision: ScopeDecision | None) -> AIMessageChunk:
+    chunk = piece if isinstance(piece, AIMessageChunk) else AIMessageChunk(content=piece.content)
+    if decision is None:
+        return chunk
+    meta = {**chunk.response_metadata, "memedit": decision.to_dict()}
+    return chunk.model_copy(update={"response_metadata": meta})
