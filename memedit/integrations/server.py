@@ -467,7 +467,23 @@ def serve(
     app = create_app(editable, api_keys=api_keys, max_body_bytes=max_body_bytes, model_id=model_id)
     if not tuple(api_keys):
         log.warning("no API key configured: every write to the edits API will be refused")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
+    # handler it found; with Python's defaults that would kill the process (SIGTERM) or raise
+    # KeyboardInterrupt before the memory is closed. Here the signal, already served, is noted.
+    import signal
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, _noted)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         editable.close()
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)
+    log.info("memedit serve stopped; edit memory closed")
+
+
+def _noted(sig: int, frame: object) -> None:
+    log.info("signal %d: the server has shut down", sig)
