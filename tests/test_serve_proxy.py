@@ -69,6 +69,10 @@ def test_proxy_forwards_and_places_edits_in_context(proxy: str, bare_server: str
     assert body["memedit"]["in_scope"] is False
     assert body["model"] == "smollm2"  # the upstream answered, under its own model name
     assert body["choices"][0]["message"] == direct["choices"][0]["message"]
+    timing = dict(
+        part.strip().split(";dur=") for part in r.headers["server-timing"].split(",")
+    )  # the proxy's own time and the upstream's, for measuring its overhead
+    assert set(timing) == {"route", "upstream"} and float(timing["upstream"]) > 0
 
     r = httpx.post(f"{proxy}/v1/edits", json=EDIT, headers={"X-API-Key": KEY})
     assert r.status_code == 201, r.text

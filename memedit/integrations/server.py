@@ -319,8 +319,10 @@ def create_app(
                     synced()
                     return editable.context_messages(messages)
 
+            t0 = time.perf_counter()
             sent, decision = await anyio.to_thread.run_sync(decide)
-            return await forward(upstream.payload(body, sent), decision, stream)
+            routed = (time.perf_counter() - t0) * 1000
+            return await forward(upstream.payload(body, sent), decision, stream, routed)
 
         def run() -> Answer:
             with lock:
@@ -365,12 +367,17 @@ def create_app(
         }
         return JSONResponse(content=content, headers=decision_headers(d))
 
-    async def forward(payload: dict[str, Any], d: ScopeDecision, stream: bool) -> Any:
+    async def forward(
+        payload: dict[str, Any], d: ScopeDecision, stream: bool, routed_ms: float
+    ) -> Any:
+        """Send `payload` upstream; the answer goes back with the decision, and a
+        Server-Timing header: routing and (unstreamed) the upstream's time, in ms."""
         import httpx
 
         assert upstream is not None
         url = upstream.completions_url
         req = client().build_request("POST", url, json=payload, headers=upstream.headers)
+        t0 = time.perf_counter()
         try:
             resp = await client().send(req, stream=stream)
         except httpx.HTTPError as exc:
@@ -388,7 +395,10 @@ def create_app(
                 return error(502, f"upstream {url} did not answer JSON", "upstream_error")
             if isinstance(content, dict):
                 content["memedit"] = d.to_dict()
-            return JSONResponse(content=content, headers=decision_headers(d))
+            waited = (time.perf_counter() - t0) * 1000
+            headers = decision_headers(d)
+            headers["Server-Timing"] = f"route;dur={routed_ms:.2f}, upstream;dur={waited:.2f}"
+            return JSONResponse(content=content, headers=headers)
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -401,9 +411,8 @@ def create_app(
             finally:
                 await resp.aclose()
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers=decision_headers(d)
-        )
+        headers = {**decision_headers(d), "Server-Timing": f"route;dur={routed_ms:.2f}"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     return BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
 
