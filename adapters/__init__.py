@@ -1,1 +1,39 @@
-"""Merged adapters (GRACE, LoRA/AdaLoRA, T-Patcher, WISE): the `adapter` strategy (issue 5)."""
+"""Merged adapters: the ``adapter`` strategy (issue 5). GRACE now; LoRA/AdaLoRA, T-Patcher and
+WISE to come.
+
+    from memedit.adapters import get_adapter
+    adapter = get_adapter("grace")(model)
+    adapter.commit(ids, adapter.prepare(tokenizer, requests))
+    with adapter.active():
+        model(...)
+
+Importing this package does not import torch. Methods register themselves on import
+(``register_adapter`` in their module); :func:`adapter_names` lists them.
+"""
+
+from __future__ import annotations
+
+from . import grace as _grace  # noqa: F401  (registers grace)
+from .api import (
+    Adapter,
+    AdapterError,
+    NonFiniteAdapterError,
+    adapter_names,
+    get_adapter,
+    register_adapter,
+)
+from .codebook import Codebook, Item
+from .grace import GraceAdapter, GraceHparams
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "Codebook",
+    "GraceAdapter",
+    "GraceHparams",
+    "Item",
+    "NonFiniteAdapterError",
+    "adapter_names",
+    "get_adapter",
+    "register_adapter",
+]

@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from memedit.types import STRATEGIES, Answer, EditRecord, EditRequest, Hit, Scop
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from memedit.adapter_edits import AdapterEdits
     from memedit.counterfactual import CounterfactualPath
     from memedit.intrinsic import KeyStatistics, WeightDelta
     from memedit.scope import ScopeClassifier
@@ -140,6 +141,9 @@ class EditableModel:
         # sequence, in this process (a reopened memory starts a new sequence)
         self._method_states: dict[str, Any] = {}
         self._restore_weights()
+        # the adapter strategy's edits (memedit.adapters), restored from the log's payloads
+        self._adapter_edits: AdapterEdits | None = None
+        self._restore_adapters()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -199,7 +203,7 @@ class EditableModel:
     @property
     def strategies(self) -> tuple[str, ...]:
         """Strategies this wrapped model supports now."""
-        return ("memory",) if self.model is None else ("memory", "weights")
+        return ("memory",) if self.model is None else ("memory", "adapter", "weights")
 
     def edit(
         self,
@@ -218,6 +222,9 @@ class EditableModel:
         ``memedit.intrinsic.method_names()``), its hyperparameters given as ``hparams`` (the
         method's dataclass or a mapping) or as keyword options (``layers=(4,)``); the whole
         batch is one reversible delta, logged with the edits so a reopened memory restores it.
+        ``strategy="adapter"`` trains one adapter edit per request with ``method`` (``grace``
+        by default; see ``memedit.adapters.adapter_names()``), logged with its trained state
+        and rolled back one by one.
         """
         if strategy not in STRATEGIES:
             msg = f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}"
@@ -232,6 +239,9 @@ class EditableModel:
         reqs = _as_requests(requests)
         if strategy == "weights":
             return self._edit_weights(reqs, method or "rome", hparams, options)
+        if strategy == "adapter":
+            assert self._adapter_edits is not None
+            return self._adapter_edits.edit(self.memory, reqs, method, hparams, options)
         if method not in (None, "memory") or hparams is not None or options:
             given = {"method": method, "hparams": hparams, **options}
             extra = sorted(k for k, v in given.items() if v is not None and v != "memory")
@@ -288,6 +298,8 @@ class EditableModel:
         only when no later in-weight batch is still active (roll those back first): the
         weights are then restored bit for bit."""
         record = self.memory.get(edit_id)
+        if record.strategy == "adapter" and record.active and self._adapter_edits is not None:
+            return self._adapter_edits.rollback(self.memory, record)
         if record.strategy != "weights" or not record.active:
             return self.memory.remove(edit_id)
         active = [r for r in self.memory.list() if r.strategy == "weights"]
@@ -343,6 +355,31 @@ class EditableModel:
             self._deltas[batch_id] = delta.apply_to(self.model)
         self._rebuild_states({d.method for _, d in saved})
         log.info("restored %d in-weight edit batch(es) from the edit log", len(batches))
+
+    def _restore_adapters(self) -> None:
+        """Re-activate the logged adapter edits (a local model only)."""
+        from memedit.adapter_edits import AdapterEdits, logged_adapter_edits
+
+        if self.model is None or self.tokenizer is None:
+            count = logged_adapter_edits(self.memory)
+            if count:
+                msg = (
+                    f"this edit memory holds {count} adapter edit(s), which need a local "
+                    "model; a black-box chat function cannot apply them"
+                )
+                raise UnsupportedStrategyError(msg)
+            return
+        self._adapter_edits = AdapterEdits(self.model, self.tokenizer)
+        restored = self._adapter_edits.restore(self.memory)
+        if restored:
+            log.info("restored %d adapter edit(s) from the edit log", restored)
+
+    def adapted(self) -> AbstractContextManager[Any]:
+        """Context in which ``self.model`` runs with its adapter edits (the wrapper's own
+        answers always do; this is for calling the model directly)."""
+        if self._adapter_edits is None:
+            return nullcontext()
+        return self._adapter_edits.active()
 
     def _pin_base(self, saved: list[tuple[str, WeightDelta]]) -> None:
         """Before re-applying saved deltas: later edits read the key statistics and context
@@ -454,10 +491,14 @@ class EditableModel:
 
     def activated(self, decision: ScopeDecision) -> AbstractContextManager[Any]:
         """Context in which the model runs for this decision (the counterfactual path's
-        weights are active only for in-scope queries)."""
+        weights are active only for in-scope queries; adapter edits for every query)."""
         if decision.in_scope and self.counterfactual is not None and self.model is not None:
+            if self._adapter_edits is not None and len(self._adapter_edits):
+                return _stacked(
+                    self._adapter_edits.active(), self.counterfactual.activate(self.model)
+                )
             return self.counterfactual.activate(self.model)
-        return nullcontext()
+        return self.adapted()
 
     # ------------------------------------------------------------------ answering
     def generate(
@@ -646,6 +687,7 @@ class EditableModel:
                 "counterfactual": self.counterfactual.name if self.counterfactual else None,
                 "router": asdict(self.config),
                 "weights_batches": len(self._deltas),
+                "adapter_edits": len(self._adapter_edits or ()),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
             if out.exists():
@@ -706,6 +748,15 @@ class EditableModel:
 
     def __iter__(self) -> Iterator[EditRecord]:
         return iter(self.edits())
+
+
+@contextmanager
+def _stacked(*contexts: AbstractContextManager[Any]) -> Iterator[None]:
+    """Enter the contexts in order (exited in reverse, also when entering one fails)."""
+    with ExitStack() as stack:
+        for ctx in contexts:
+            stack.enter_context(ctx)
+        yield
 
 
 def _export_memory(memory: EditMemory, dest: Path) -> str | None:

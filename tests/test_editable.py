@@ -121,8 +121,9 @@ def test_bad_input_writes_nothing(em: EditableModel) -> None:
     assert len(em.memory) == 0
     with pytest.raises(InvalidRequestError):
         em.edit([])
-    with pytest.raises(UnsupportedStrategyError, match="adapter"):
-        em.edit(REQ, strategy="adapter")
+    with pytest.raises(InvalidRequestError, match="unknown adapter method"):
+        em.edit(REQ, strategy="adapter", method="nonsense")
+    assert em.edits() == []
     with pytest.raises(UnsupportedStrategyError, match="nonsense"):
         em.edit(REQ, strategy="nonsense")
     with pytest.raises(InvalidRequestError, match="query"):

@@ -68,7 +68,7 @@ def _loglik(em: EditableModel, req: EditRequest) -> float:
 
 
 def test_weights_edit_changes_the_model_and_is_logged_not_retrieved(em: EditableModel) -> None:
-    assert em.strategies == ("memory", "weights")
+    assert em.strategies == ("memory", "adapter", "weights")
     assert em.model is not None
     before, ll0 = _snapshot(em.model), _loglik(em, REQ)
     records = em.edit([REQ, OTHER], strategy="weights", method="ft-m", layer=1, lr=5e-2, steps=10)

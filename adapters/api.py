@@ -1,0 +1,113 @@
+"""What every adapter method provides, and the registry the wrapper finds them in.
+
+An adapter holds edits *beside* the model's weights (a GRACE codebook, a LoRA module, ...) and
+changes the model's outputs only while :meth:`Adapter.active` is entered. The wrapper
+(`EditableModel`, strategy ``adapter``) drives every method through this protocol and never
+looks at a method's name:
+
+1. ``payloads = adapter.prepare(tokenizer, requests, hparams)`` trains the edits without
+   changing what the adapter answers; one payload (bytes) per request;
+2. the payloads go into the SQL edit log with the edits, which assigns their ids;
+3. ``adapter.commit(ids, payloads)`` makes them active. Reopening a memory calls ``commit``
+   with the logged payloads, so a restored adapter is the one that was saved;
+4. ``adapter.remove(edit_id)`` undoes one edit exactly.
+
+A method registers itself with one line at the bottom of its module::
+
+    register_adapter("grace", GraceAdapter)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from memedit.errors import InvalidRequestError, MemeditError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from memedit.types import EditRequest
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "NonFiniteAdapterError",
+    "adapter_names",
+    "get_adapter",
+    "register_adapter",
+]
+
+
+class AdapterError(MemeditError, RuntimeError):
+    """An adapter edit could not be applied or undone (nothing was changed)."""
+
+
+class NonFiniteAdapterError(AdapterError, FloatingPointError):
+    """Training produced NaN or Inf adapter values; the edit was refused, nothing changed."""
+
+
+class Adapter(Protocol):
+    """One method's adapter state on one model."""
+
+    def prepare(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        hparams: Any = None,
+    ) -> list[bytes]:
+        """Train the edits (one payload per request) without activating them."""
+        ...
+
+    def commit(self, edit_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
+        """Make prepared (or logged) edits active under their edit ids."""
+        ...
+
+    def remove(self, edit_id: int) -> None:
+        """Undo one edit; the adapter then answers as if it had never been committed."""
+        ...
+
+    def edit_ids(self) -> list[int]:
+        """The ids of the committed edits, in id order."""
+        ...
+
+    def active(self) -> AbstractContextManager[Any]:
+        """Context in which the model runs with the committed edits (hooks removed on exit)."""
+        ...
+
+
+AdapterFactory = Callable[["nn.Module"], Adapter]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    factory: AdapterFactory
+
+
+_ADAPTERS: dict[str, _Entry] = {}
+
+
+def register_adapter(name: str, factory: AdapterFactory) -> None:
+    """Make ``name`` usable as ``EditableModel.edit(..., strategy="adapter", method=name)``
+    (and as ``adapter:NAME`` in the evaluator). ``factory(model)`` builds an empty adapter."""
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in ":@,; "):
+        msg = f"adapter name must be non-empty without ':', '@', ',', ';' or spaces, got {name!r}"
+        raise InvalidRequestError(msg, field="method", value=name)
+    _ADAPTERS[name] = _Entry(name, factory)
+
+
+def adapter_names() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_adapter(name: str) -> AdapterFactory:
+    """The factory registered as ``name``."""
+    try:
+        return _ADAPTERS[name].factory
+    except KeyError:
+        msg = f"unknown adapter method {name!r}; known: {adapter_names()}"
+        raise InvalidRequestError(msg, field="method", value=name) from None
