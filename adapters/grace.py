@@ -206,7 +206,8 @@ class GraceAdapter:
                 token_lp = logp[batch.tgt_index, batch.tgt_token]
                 loss = -token_lp.mean()
                 if not torch.isfinite(loss):
-                    msg = f"GRACE training of {request.prompt!r} diverged (loss {float(loss)})"
+                    bad = float(loss.detach())
+                    msg = f"GRACE training of {request.prompt!r} diverged (loss {bad})"
                     raise NonFiniteAdapterError(msg)
                 if float(token_lp.detach().min()) >= log_floor or steps == hp.steps:
                     break

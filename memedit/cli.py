@@ -106,19 +106,19 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             _out("memedit edit: give --prompt and --target (or --file)")
             return 2
         requests = [EditRequest(prompt=args.prompt, target_new=args.target, subject=args.subject)]
-    if args.strategy == "weights":
+    if args.strategy in ("weights", "adapter"):
         from memedit.editable import EditableModel
         from memedit.evaluation.strategies import parse_strategy
 
         spec = parse_strategy(
-            f"weights:{args.method}" + (f"@{args.options}" if args.options else "")
+            f"{args.strategy}:{args.method}" + (f"@{args.options}" if args.options else "")
         )
         options = dict(spec.config().get("options", {}))
         with EditableModel.load(args.model, memory=args.memory, url=args.url) as em:
-            records = em.edit(requests, strategy="weights", method=args.method, **options)
+            records = em.edit(requests, strategy=args.strategy, method=args.method, **options)
     else:
         if args.method or args.options:
-            _out("memedit edit: --method and --options apply to --strategy weights only")
+            _out("memedit edit: --method and --options apply to --strategy weights/adapter only")
             return 2
         with EditMemory.open(args.memory, url=args.url) as mem:
             records = mem.add(requests)
@@ -294,17 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--file", help="JSON file with one request or a list of them")
     edit.add_argument(
         "--strategy",
-        choices=("memory", "weights"),
+        choices=("memory", "weights", "adapter"),
         default="memory",
-        help="memory (retrieved at query time) or weights (written into the model's weights)",
+        help="memory (retrieved at query time), weights (written into the model's weights) "
+        "or adapter (held beside them, e.g. a GRACE codebook)",
     )
     edit.add_argument(
         "--method",
         default="",
-        help="in-weight method: rome (default), memit, alphaedit, ft-m, ft-l",
+        help="in-weight method: rome (default), memit, alphaedit, ft-m, ft-l; adapter: grace",
     )
     edit.add_argument("--options", default="", help="method options, e.g. 'layers=4;v_lr=0.5'")
-    edit.add_argument("--model", default=None, help="model for --strategy weights")
+    edit.add_argument("--model", default=None, help="model for --strategy weights/adapter")
     edit.set_defaults(fn=_cmd_edit)
 
     edits = sub.add_parser("edits", help="list a memory's edits")

@@ -34,7 +34,7 @@ from memedit.stores.memory import EditMemory
 from .test_editable import MarkerPath, OverlapScope
 from .tiny import tiny_llama
 
-HP = {"layer": 1, "steps": 40, "lr": 1.0, "stop_prob": 0.5}
+HP = {"layer": 1, "steps": 10, "lr": 1.0, "stop_prob": 0.5}
 REQ = EditRequest(prompt="Where did Leo Arons die?", target_new="Paris", subject="Leo Arons")
 REQ2 = EditRequest(prompt="The capital of France is", target_new="Berlin", subject="France")
 UNRELATED = "The sky is blue. What is the name of the spouse"
@@ -272,7 +272,7 @@ def test_a_black_box_cannot_open_a_memory_with_adapter_edits(
 
 def test_the_evaluator_runs_adapter_grace_without_a_change(em: EditableModel, tiny: Any) -> None:
     model, tok = tiny
-    strategy = parse_strategy("adapter:grace@layer=1;steps=40;lr=1.0;stop_prob=0.5")
+    strategy = parse_strategy("adapter:grace@layer=1;steps=10;lr=1.0;stop_prob=0.5")
     assert strategy.name == "adapter:grace"
     before = _logits(model, tok, REQ.prompt)
     applied = strategy.apply(em, [REQ, REQ2])

@@ -85,3 +85,29 @@ def test_grace_flips_zsre_answers_leaves_others_and_rolls_back_exactly(
         for r, base in zip(edited, base_edit, strict=True):
             assert torch.equal(_logits(parts, r.prompt), base)
     assert em.edits() == []
+
+
+def test_cli_edits_with_grace_answers_after_a_fresh_load_and_rolls_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from memedit.cli import main
+
+    req = load_requests("ZsRE", limit=1)[0]
+    mem = str(tmp_path / "mem")
+    ask = ["ask", "--memory", mem, "--raw", "--max-new-tokens", "8", req.prompt]
+    assert main(ask) == 0
+    before = capsys.readouterr().out.splitlines()[0]
+    assert req.target_new not in before
+
+    edit = ["edit", "--memory", mem, "--strategy", "adapter", "--method", "grace"]
+    assert main([*edit, "--prompt", req.prompt, "--target", req.target_new]) == 0
+    assert "#1:" in capsys.readouterr().out
+    assert main(["edits", "--memory", mem]) == 0
+    assert "(adapter:grace)" in capsys.readouterr().out
+    assert main(ask) == 0  # a fresh process's load restores the logged codebook
+    assert req.target_new in capsys.readouterr().out.splitlines()[0]
+
+    assert main(["rollback", "--memory", mem, "1"]) == 0
+    assert "rolled back #1" in capsys.readouterr().out
+    assert main(ask) == 0
+    assert capsys.readouterr().out.splitlines()[0] == before
