@@ -9,6 +9,9 @@ those hooks on exit, also when the body raises. Hooks registered by anyone else 
 
     with edit_output(model, "model.layers.3.mlp", lambda h: h * 0):
         model(**batch)              # layer 3's MLP contributes nothing here
+
+    with edit_input(model, "model.layers.3", lambda h: cached):
+        model(**batch)              # layer 3 reads ``cached`` instead of layer 2's output
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Trace", "edit_output", "trace"]
+__all__ = ["Trace", "edit_input", "edit_output", "trace"]
 
 
 def _primary(value: Any) -> Any:
@@ -164,6 +167,39 @@ def edit_output(
         return fn(output)
 
     handles = [module.register_forward_hook(hook)]
+    try:
+        yield module
+    finally:
+        _remove(handles)
+
+
+@contextmanager
+def edit_input(
+    model: nn.Module,
+    module_name: str,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[nn.Module]:
+    """Replace the main input of ``module_name`` by ``fn(input)`` while the block runs.
+
+    The main input is the first positional argument, or else the first tensor keyword
+    argument (as :func:`trace` reads it); other arguments pass through. Yields the module.
+    """
+    import torch
+
+    module = _modules(model, [module_name])[module_name]
+
+    def pre_hook(
+        _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        for key, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                return args, {**kwargs, key: fn(value)}
+        msg = f"module {module_name!r} was called without a tensor input to replace"
+        raise ValueError(msg)
+
+    handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     try:
         yield module
     finally:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from memedit.locate import GROUPS, TraceConfig, group_positions, recommend, trace_fact
+from memedit.spec import ensure_spec as model_spec
 from tests.tiny import tiny_llama
 
 PROMPT, SUBJECT = "The place of death of Leo Arons is", "Leo Arons"
@@ -25,6 +29,60 @@ def test_noise_changes_answer_probability_and_last_layer_restores_it() -> None:
     assert ft.p_corrupt != pytest.approx(ft.p_clean, abs=1e-6)
     # restoring the last layer's residual at the last token gives back the clean output
     assert ft.restored["hidden"][-1][-1] == pytest.approx(ft.p_clean, rel=1e-4)
+
+
+def test_fast_path_gives_the_effects_of_full_forward_passes() -> None:
+    # 6 layers, a 3-layer window, small batches and a narrow spread: every shortcut of the
+    # fast path (layer skipping, prefix cache, mixed first layers, chunking) is exercised
+    model, tok = tiny_llama(seed=1, layers=6)
+    config = TraceConfig(noise=3.0, samples=2, window=3, chunk=6, spread=2)
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    answer = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+    fast = trace_fact(model, tok, PROMPT, SUBJECT, answer, config)
+    slow = trace_fact(model, tok, PROMPT, SUBJECT, answer, config, fast=False)
+    assert fast.subject[0] > 0  # a position before the subject is part of the check
+    assert fast.p_corrupt == pytest.approx(slow.p_corrupt, abs=1e-7)
+    assert fast.p_corrupt != pytest.approx(fast.p_clean, abs=1e-5)
+    for c in config.components:
+        a, b = torch.tensor(fast.restored[c]), torch.tensor(slow.restored[c])
+        assert a.shape == (len(fast.tokens), 6)
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-5), (c, (a - b).abs().max())
+    # the check is not vacuous: restorations move the (near-uniform) probability by far more
+    # than the tolerance (p_corrupt is about 4e-3 on this random model)
+    assert max(abs(v - slow.p_corrupt) for row in slow.restored["hidden"] for v in row) > 1e-4
+
+
+def test_fast_path_falls_back_when_a_shortened_run_disagrees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from contextlib import contextmanager
+
+    from memedit.locate import trace as trace_mod
+
+    @contextmanager
+    def broken(*_args: object, **_kwargs: object) -> Iterator[None]:
+        yield  # enters nothing: the run starts from the embeddings without noise
+
+    model, tok = tiny_llama(seed=1, layers=4)
+    config = TraceConfig(noise=3.0, samples=1, window=2)
+    slow = trace_fact(model, tok, PROMPT, SUBJECT, 5, config, fast=False)
+    monkeypatch.setattr(trace_mod, "run_from", broken)
+    fell_back = trace_fact(model, tok, PROMPT, SUBJECT, 5, config)
+    assert fell_back.restored == slow.restored
+
+
+def test_no_layer_or_hook_left_behind_when_a_fast_run_raises() -> None:
+    from memedit.locate.stream import run_from
+
+    model, _ = tiny_llama(layers=4)
+    layers = list(model.model.layers)
+    state = torch.zeros(1, 3, 64)
+    with pytest.raises(RuntimeError), run_from(model, model_spec(model), 2, 4, state):
+        assert model.model.layers[0] is not layers[0]
+        raise RuntimeError
+    assert list(model.model.layers) == layers
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
 
 
 def test_no_hook_left_behind_after_an_exception() -> None:

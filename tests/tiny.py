@@ -42,8 +42,8 @@ def tiny_tokenizer() -> Any:
     )
 
 
-def tiny_llama(seed: int = 0) -> tuple[Any, Any]:
-    """A 2-layer, 64-wide random Llama and its tokenizer."""
+def tiny_llama(seed: int = 0, layers: int = 2) -> tuple[Any, Any]:
+    """A ``layers``-layer (default 2), 64-wide random Llama and its tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,7 +53,7 @@ def tiny_llama(seed: int = 0) -> tuple[Any, Any]:
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=256,

@@ -44,25 +44,36 @@ def _answer_token(tokenizer: Any, attribute: str) -> int:
 
 
 def known_facts(
-    model: nn.Module, tokenizer: Any, facts: Sequence[Mapping[str, Any]]
+    model: nn.Module, tokenizer: Any, facts: Sequence[Mapping[str, Any]], *, batch: int = 64
 ) -> list[tuple[dict[str, Any], int]]:
     """Facts whose greedy next token after the prompt is the attribute's first token, with
-    that token id."""
+    that token id, in the order of ``facts``. Prompts of equal length run batched (no
+    padding, so each row is computed as it would be alone)."""
     import torch
 
     device = next(model.parameters()).device
-    kept = []
+    by_len: dict[int, list[tuple[int, list[int], int]]] = {}
+    for i, fact in enumerate(facts):
+        try:
+            ids, _ = subject_span(tokenizer, fact["prompt"], fact["subject"])
+        except ValueError:
+            continue
+        by_len.setdefault(len(ids), []).append(
+            (i, ids, _answer_token(tokenizer, fact["attribute"]))
+        )
+    known: set[int] = set()
+    answers: dict[int, int] = {}
     with torch.inference_mode():
-        for fact in facts:
-            try:
-                ids, _ = subject_span(tokenizer, fact["prompt"], fact["subject"])
-            except ValueError:
-                continue
-            answer = _answer_token(tokenizer, fact["attribute"])
-            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
-            if int(logits[0, -1].argmax()) == answer:
-                kept.append((dict(fact), answer))
-    return kept
+        for group in by_len.values():
+            for lo in range(0, len(group), batch):
+                part = group[lo : lo + batch]
+                x = torch.tensor([ids for _, ids, _ in part], device=device)
+                top = model(input_ids=x, use_cache=False).logits[:, -1].argmax(-1).tolist()
+                for (i, _, answer), pred in zip(part, top, strict=True):
+                    if int(pred) == answer:
+                        known.add(i)
+                        answers[i] = answer
+    return [(dict(facts[i]), answers[i]) for i in sorted(known)]
 
 
 def embedding_std(model: nn.Module, tokenizer: Any, facts: Sequence[Mapping[str, Any]]) -> float:
