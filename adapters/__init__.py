@@ -1,5 +1,5 @@
-"""Merged adapters: the ``adapter`` strategy (issue 5). GRACE now; LoRA/AdaLoRA, T-Patcher and
-WISE to come.
+"""Merged adapters: the ``adapter`` strategy (issue 5). GRACE and LoRA (through peft) now;
+AdaLoRA, T-Patcher and WISE to come.
 
     from memedit.adapters import get_adapter
     adapter = get_adapter("grace")(model)
@@ -14,6 +14,7 @@ Importing this package does not import torch. Methods register themselves on imp
 from __future__ import annotations
 
 from . import grace as _grace  # noqa: F401  (registers grace)
+from . import lora as _lora  # noqa: F401  (registers lora; needs peft only when used)
 from .api import (
     Adapter,
     AdapterError,
@@ -24,6 +25,7 @@ from .api import (
 )
 from .codebook import Codebook, Item
 from .grace import GraceAdapter, GraceHparams
+from .lora import LoraAdapter, LoraHparams
 
 __all__ = [
     "Adapter",
@@ -32,6 +34,8 @@ __all__ = [
     "GraceAdapter",
     "GraceHparams",
     "Item",
+    "LoraAdapter",
+    "LoraHparams",
     "NonFiniteAdapterError",
     "adapter_names",
     "get_adapter",

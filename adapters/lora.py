@@ -1,0 +1,343 @@
+"""LoRA edits through peft: one low-rank adapter trained per edit, merged into the weights.
+
+Each edit gets its own peft LoRA (``peft.get_peft_model`` on the edited MLP output projection,
+by default the middle block's), trained with the model frozen until every target token has
+probability >= ``stop_prob``; the adapter is saved in peft's own format (``adapter_config.json``
++ ``adapter_model.safetensors``, zipped as the edit's payload in the edit log; extract it and
+``PeftModel.from_pretrained`` reads it) and its delta (peft's ``get_delta_weight``) is merged.
+The merged weight of a module is always recomputed as ``base + sum of its active deltas`` (in
+edit-id order, in float32) from an exact copy of the base weight, so unmerging an edit (a
+rollback) gives bit for bit the weights the model would have without it, and the base weight
+itself once none is left. A non-finite merge is refused and nothing is written.
+
+The merged edits are part of the weights: they act on every query (``active()`` hooks nothing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memedit.errors import IntegrityError, InvalidRequestError
+
+from .api import AdapterError, NonFiniteAdapterError, register_adapter
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from memedit.types import EditRequest
+
+__all__ = ["LoraAdapter", "LoraHparams"]
+
+log = logging.getLogger(__name__)
+
+_META = "memedit.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LoraHparams:
+    """``layer``: the block whose MLP output projection gets the LoRA (None: ``layer_fraction``
+    of the depth); ``rank`` / ``alpha``: peft's ``r`` / ``lora_alpha``; Adam with ``lr`` for at
+    most ``steps`` steps, stopping once every target token has probability >= ``stop_prob``."""
+
+    layer: int | None = None
+    layer_fraction: float = 0.5
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 60
+    lr: float = 1e-2
+    stop_prob: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+            msg = f"LoraHparams.layer must be a non-negative integer, got {self.layer!r}"
+            raise InvalidRequestError(msg, field="layer", value=self.layer)
+        checks = {
+            "layer_fraction": 0.0 <= self.layer_fraction <= 1.0,
+            "rank": isinstance(self.rank, int) and self.rank >= 1,
+            "alpha": math.isfinite(self.alpha) and self.alpha > 0.0,
+            "steps": isinstance(self.steps, int) and self.steps >= 0,
+            "lr": math.isfinite(self.lr) and self.lr > 0.0,
+            "stop_prob": 0.0 < self.stop_prob < 1.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                value = getattr(self, name)
+                msg = f"LoraHparams.{name} is out of range: {value!r}"
+                raise InvalidRequestError(msg, field=name, value=value)
+
+    def module_for(self, model: nn.Module) -> str:
+        from memedit.intrinsic.compute import mlp_out_name
+        from memedit.spec import n_layers
+
+        count = n_layers(model)
+        if self.layer is not None and self.layer >= count:
+            msg = f"LoraHparams.layer={self.layer} but the model has {count} layers"
+            raise InvalidRequestError(msg, field="layer", value=self.layer)
+        layer = self.layer if self.layer is not None else round(self.layer_fraction * count)
+        return mlp_out_name(model, min(layer, count - 1))
+
+
+class LoraAdapter:
+    """Per-edit peft LoRAs merged into one model's weights; see the module docstring."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._base: dict[str, torch.Tensor] = {}  # module -> exact copy of its base weight
+        self._written: dict[str, torch.Tensor] = {}  # module -> the weight last merged in
+        self._deltas: dict[int, dict[str, torch.Tensor]] = {}  # edit id -> module -> delta
+        self._prepared: dict[bytes, dict[str, torch.Tensor]] = {}  # payload -> its deltas
+
+    def edit_ids(self) -> list[int]:
+        return sorted(self._deltas)
+
+    def __len__(self) -> int:
+        return len(self._deltas)
+
+    @contextmanager
+    def active(self) -> Iterator[LoraAdapter]:
+        """Merged edits need no hook: the weights already hold them."""
+        yield self
+
+    # ------------------------------------------------------------------ training
+    def prepare(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        hparams: Any = None,
+    ) -> list[bytes]:
+        """Train one LoRA per request on the current weights; nothing is merged here."""
+        from memedit.intrinsic.hparams import from_options
+
+        hp = from_options(LoraHparams, hparams)
+        module = hp.module_for(self.model)
+        out = []
+        for r in requests:
+            blob, deltas = self._train(tokenizer, r, hp, module)
+            self._prepared[blob] = deltas
+            out.append(blob)
+        return out
+
+    def _train(
+        self, tokenizer: PreTrainedTokenizerBase, request: EditRequest, hp: LoraHparams, module: str
+    ) -> tuple[bytes, dict[str, torch.Tensor]]:
+        import torch
+
+        from memedit.intrinsic.compute import forward_logits, frozen, target_batch
+
+        peft = _peft()
+        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
+
+        device = next(self.model.parameters()).device
+        batch = target_batch(tokenizer, [(request.prompt, request.target_new)], device)
+        config = LoraConfig(
+            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=0.0, target_modules=[module], bias="none"
+        )
+        floor = math.log(hp.stop_prob)
+        with frozen(self.model), _quiet_peft():  # every requires_grad flag restored after
+            peft_model = get_peft_model(self.model, config)
+            try:
+                params = [p for p in peft_model.parameters() if p.requires_grad]
+                opt = torch.optim.Adam(params, lr=hp.lr)
+                for step in range(hp.steps + 1):
+                    logits = forward_logits(self.model, batch.ids, batch.mask, batch.keep)
+                    token_lp = torch.log_softmax(logits.float(), dim=-1)[
+                        batch.tgt_index, batch.tgt_token
+                    ]
+                    loss = -token_lp.mean()
+                    if not torch.isfinite(loss):
+                        bad = float(loss.detach())
+                        msg = f"LoRA training of {request.prompt!r} diverged (loss {bad})"
+                        raise NonFiniteAdapterError(msg)
+                    if float(token_lp.detach().min()) >= floor or step == hp.steps:
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                log.debug("LoRA for %r: %d steps, loss %.4f", request.prompt, step, float(loss))
+                deltas = _deltas_of(peft_model)
+                blob = _zip_peft(peft_model, {"format": FORMAT, "method": "lora"})
+            finally:
+                peft_model.unload()
+        return blob, deltas
+
+    # ------------------------------------------------------------------ merging
+    def commit(self, edit_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
+        """Merge prepared (or logged) LoRAs under their edit ids (all or none)."""
+        if len(edit_ids) != len(payloads):
+            msg = f"{len(edit_ids)} edit ids but {len(payloads)} payloads"
+            raise InvalidRequestError(msg, field="payloads", value=len(payloads))
+        for edit_id in edit_ids:
+            if edit_id in self._deltas:
+                msg = f"LoRA edit {edit_id} is already merged"
+                raise InvalidRequestError(msg, field="edit_id", value=edit_id)
+        new: dict[int, dict[str, torch.Tensor]] = {}
+        for edit_id, blob in zip(edit_ids, payloads, strict=True):
+            prepared = self._prepared.pop(blob, None)
+            new[edit_id] = prepared if prepared is not None else self._load_deltas(blob)
+        touched = {m for d in new.values() for m in d}
+        self._check_untouched(touched)
+        saved = {m: self._base[m] for m in touched if m in self._base}
+        for module in touched:
+            self._base.setdefault(module, self._weight(module).detach().clone())
+        self._deltas.update(new)
+        try:
+            self._merge(touched)
+        except BaseException:
+            for edit_id in new:
+                del self._deltas[edit_id]
+            self._merge(touched)  # back to exactly the weights before
+            for module in touched - set(saved):
+                self._base.pop(module, None)
+            raise
+
+    def remove(self, edit_id: int) -> None:
+        deltas = self._deltas.get(edit_id)
+        if deltas is None:
+            msg = f"LoRA edit {edit_id} is not merged into this model"
+            raise AdapterError(msg)
+        self._check_untouched(set(deltas))
+        del self._deltas[edit_id]
+        self._merge(set(deltas))
+
+    def _check_untouched(self, modules: set[str]) -> None:
+        import torch
+
+        for module in modules:
+            written = self._written.get(module)
+            if written is not None and not torch.equal(self._weight(module), written):
+                msg = (
+                    f"{module} was changed since the last LoRA merge (another edit strategy "
+                    "wrote it); roll that edit back first"
+                )
+                raise AdapterError(msg)
+
+    def _merge(self, modules: set[str]) -> None:
+        """Write ``base + sum of active deltas`` into each module (the base itself when none)."""
+        import torch
+
+        plans: dict[str, torch.Tensor] = {}
+        for module in sorted(modules):
+            base = self._base[module]
+            parts = [d[module] for _, d in sorted(self._deltas.items()) if module in d]
+            if not parts:
+                plans[module] = base
+                continue
+            total = base.to(torch.float32)
+            for part in parts:
+                total = total + part.to(device=total.device, dtype=torch.float32)
+            if not bool(torch.isfinite(total).all()):
+                msg = f"merging the LoRA edits into {module} gives NaN/Inf weights; refused"
+                raise NonFiniteAdapterError(msg)
+            plans[module] = total.to(base.dtype)
+        with torch.no_grad():
+            for module, value in plans.items():
+                self._weight(module).copy_(value)
+                if value is self._base[module]:
+                    del self._base[module]
+                    self._written.pop(module, None)
+                else:
+                    self._written[module] = value.detach().clone()
+
+    def _weight(self, module: str) -> torch.Tensor:
+        import torch
+
+        weight = self.model.get_submodule(module).weight
+        if not isinstance(weight, torch.Tensor):
+            msg = f"{module} has no weight tensor for a LoRA merge"
+            raise AdapterError(msg)
+        return weight
+
+    def _load_deltas(self, blob: bytes) -> dict[str, torch.Tensor]:
+        """The deltas of a logged payload, computed by peft from the adapter it saved."""
+        from memedit.intrinsic.compute import frozen
+
+        peft = _peft()
+        with tempfile.TemporaryDirectory() as tmp:
+            _unzip(blob, Path(tmp))
+            with frozen(self.model), _quiet_peft():
+                peft_model = peft.PeftModel.from_pretrained(self.model, tmp)
+                try:
+                    return _deltas_of(peft_model)
+                finally:
+                    peft_model.unload()
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as exc:  # an optional dependency: the `adapters` extra
+        msg = "LoRA edits need peft: pip install 'memedit[adapters]'"
+        raise AdapterError(msg) from exc
+    return peft
+
+
+def _deltas_of(peft_model: Any) -> dict[str, torch.Tensor]:
+    """Module name (in the base model) -> peft's merged delta of its active adapter."""
+    prefix = "base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in peft_model.named_modules():
+        if hasattr(layer, "get_delta_weight") and hasattr(layer, "base_layer"):
+            for adapter in layer.active_adapters:
+                delta = layer.get_delta_weight(adapter).detach().to("cpu").clone()
+                out[name.removeprefix(prefix)] = delta
+    if not out:
+        msg = "peft injected no LoRA layer; check the target module"
+        raise AdapterError(msg)
+    return out
+
+
+def _zip_peft(peft_model: Any, meta: dict[str, Any]) -> bytes:
+    """peft's ``save_pretrained`` directory, zipped (with memedit's metadata beside it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(Path(tmp).rglob("*")):
+                if path.is_file() and path.name != "README.md":
+                    zf.write(path, path.relative_to(tmp).as_posix())
+            zf.writestr(_META, json.dumps(meta))
+    return buf.getvalue()
+
+
+def _unzip(blob: bytes, dest: Path) -> dict[str, Any]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            names = zf.namelist()
+            if any(n.startswith("/") or ".." in Path(n).parts for n in names):
+                msg = "LoRA payload holds a path outside its directory"
+                raise IntegrityError(msg)
+            zf.extractall(dest)
+            meta: dict[str, Any] = json.loads(zf.read(_META))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
+        msg = f"not a serialised LoRA edit: {exc}"
+        raise IntegrityError(msg) from exc
+    if meta.get("format") != FORMAT or meta.get("method") != "lora":
+        msg = f"LoRA payload metadata {meta!r} is not format {FORMAT}"
+        raise IntegrityError(msg)
+    return meta
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft warns about wrapping an already used model; the wrapper is undone right after."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+register_adapter("lora", LoraAdapter)
