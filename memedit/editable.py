@@ -575,21 +575,28 @@ class EditableModel:
         ]
 
     def chat(
-        self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int | None = None
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int | None = None,
+        decision: ScopeDecision | None = None,
     ) -> Answer:
-        """Answer the last user message of a transcript with the edits applied."""
+        """Answer the last user message of a transcript with the edits applied. `decision`:
+        one already made for that message by `route` (a server routes under its memory lock,
+        then generates under its model lock)."""
         msgs = check_messages(messages)
+        if decision is None:
+            decision = self.route(msgs[-1]["content"])
         if self.model is None:
             assert self.chat_fn is not None
-            sent, decision = self.context_messages(msgs)
+            sent, decision = self.context_messages(msgs, decision=decision)
             reply = self.chat_fn(sent)
             if not isinstance(reply, str):
                 msg = f"the wrapped chat function returned {type(reply).__name__}, not str"
                 raise MemeditError(msg)
             return Answer(text=reply, decision=decision, prompt=json.dumps(sent))
         assert self.tokenizer is not None and self.counterfactual is not None
-        decision = self.route(msgs[-1]["content"])
-        edits = self._used_requests(decision) if decision.in_scope else []
+        edits = self.used_requests(decision)
         n = max_new_tokens or self.config.max_new_tokens
         if edits:
             text = self.counterfactual.build_chat_input(msgs, edits, self.tokenizer)
@@ -602,14 +609,15 @@ class EditableModel:
         return Answer(text=out.strip(), decision=decision, prompt=text)
 
     def context_messages(
-        self, messages: Sequence[Mapping[str, str]]
+        self, messages: Sequence[Mapping[str, str]], *, decision: ScopeDecision | None = None
     ) -> tuple[list[dict[str, str]], ScopeDecision]:
         """What a black-box chat model is sent for `messages`: the transcript unchanged when
         its last message is out of scope, else with the edits it is about stated in a system
         message; and the decision behind it. (The memory strategy for any chat model that
         memedit cannot run itself: an upstream server, a LangChain chat model.)"""
         msgs = check_messages(messages)
-        decision = self.route(msgs[-1]["content"])
+        if decision is None:
+            decision = self.route(msgs[-1]["content"])
         if not decision.in_scope:
             return msgs, decision
         return with_fact_context(msgs, self._used_requests(decision)), decision

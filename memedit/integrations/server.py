@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -140,7 +140,11 @@ def create_app(
     picks up edits other processes wrote to a shared log (`EditMemory.sync`, checked at most
     every `sync_interval` seconds: one generation query; a rebuild only when it moved)."""
     keys = tuple(k for k in api_keys if k)
-    lock = threading.Lock()  # the model, scope classifier and memory are used one call at a time
+    # One call at a time on the memory (with the scope classifier), and one on the model (or
+    # black-box chat function): an edit need not wait for a generation. Both are taken model
+    # first, memory second.
+    lock = threading.Lock()  # the memory and the scope classifier
+    model_lock = threading.Lock()
     upstream = editable.chat_fn if isinstance(editable.chat_fn, OpenAIUpstream) else None
     clients: list[httpx.AsyncClient] = []  # the upstream's connection pool, in this loop
 
@@ -240,7 +244,8 @@ def create_app(
         import anyio
 
         def run() -> list[EditRecord]:
-            with lock:
+            # an in-weight edit changes the model too
+            with model_lock if strategy == "weights" else nullcontext(), lock:
                 return editable.edit(items, strategy=strategy, method=method)
 
         return [record_to_dict(r) for r in await anyio.to_thread.run_sync(run)]
@@ -300,7 +305,8 @@ def create_app(
     def rollback(edit_id: int, request: Request) -> Any:
         if not authorised(request):
             return error(401, "writes need a valid API key", "unauthorized")
-        with lock:
+        in_weights = editable.memory.get(edit_id).strategy == "weights"
+        with model_lock if in_weights else nullcontext(), lock:
             return record_to_dict(editable.rollback(edit_id))
 
     @app.post(
@@ -327,7 +333,9 @@ def create_app(
         def run() -> Answer:
             with lock:
                 synced()
-                return editable.chat(messages, max_new_tokens=max_tokens)
+                decision = editable.route(messages[-1]["content"])
+            with model_lock:
+                return editable.chat(messages, max_new_tokens=max_tokens, decision=decision)
 
         answer = await anyio.to_thread.run_sync(run)
         text = cut_at_stop(answer.text, stop)
