@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export MEMEDIT_TEST_PG_URL
 
-.PHONY: venv demo test lint typecheck unit bench eval eval-weights eval-weights-sequential results clean
+.PHONY: venv demo test lint typecheck unit bench eval eval-weights eval-weights-sequential results locate clean
 
 venv: $(VENV)/.installed
 
@@ -75,6 +75,15 @@ eval-weights-sequential: venv
 			--edit-batch 100 --checkpoints 100,200,300,400,500 --no-generation \
 			--fluency-tokens 0 --out $(EVAL_DIR)/weights-sequential-ZsRE || exit 1; done
 	$(MAKE) results
+
+# Causal tracing (issue #7): heatmaps, effects.json and the recommended edit layers of the
+# default model under docs/locate; one noise draw per fact, one process per core. ~30 min on
+# this 2-core CPU when it is shared (BENCHMARKS.md, "Issue #7").
+LOCATE_N ?= 200
+LOCATE_WORKERS ?= 2
+locate: venv
+	$(BIN)/memedit locate --model smollm2-135m --n $(LOCATE_N) --samples 1 \
+		--workers $(LOCATE_WORKERS) --out docs/locate
 
 results: venv
 	$(BIN)/memedit results $(EVAL_DIR)/knowedit $(EVAL_DIR)/knowedit-unedited \

@@ -201,12 +201,23 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     from memedit.locate import run_locate, spec_hint
 
     doc = run_locate(
-        args.model, n=args.n, out=Path(args.out), samples=args.samples, progress=not args.quiet
+        args.model,
+        n=args.n,
+        out=Path(args.out),
+        samples=args.samples,
+        progress=not args.quiet,
+        workers=args.workers,
     )
     rec = doc["recommendation"]
     _out(
         f"{doc['facts_known']} of {doc['facts_examined']} facts known; traced {doc['facts_traced']}"
+        f" in {doc['seconds']:.0f} s"
     )
+    if args.n > doc["facts_known"]:
+        _out(
+            f"warning: --n {args.n} is more than the {doc['facts_known']} known facts; "
+            f"all {doc['facts_traced']} were traced"
+        )
     _out(f"ROME layer {rec['rome_layer']}; MEMIT/AlphaEdit layers {rec['memit_layers']}")
     _out(spec_hint(doc))
     return 0
@@ -377,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--n", type=int, default=200, help="known facts to trace")
     loc.add_argument("--out", default="docs/locate", help="heatmaps and effects.json go here")
     loc.add_argument("--samples", type=int, default=3, help="noise draws per fact")
+    loc.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
     loc.add_argument("--quiet", action="store_true", help="no progress bars")
     loc.set_defaults(fn=_cmd_locate)
 

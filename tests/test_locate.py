@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,18 @@ def test_recommend_picks_argmax_of_a_hand_made_table() -> None:
     rec = recommend(effects, width=3)
     assert rec["rome_layer"] == 4
     assert rec["memit_layers"] == [3, 4, 5]
+
+
+def test_an_interrupted_run_resumes_only_with_the_same_model_and_settings(tmp_path: Path) -> None:
+    from memedit.locate.run import _resume
+
+    path = tmp_path / "facts.partial.jsonl"
+    run = {"model": "smollm2-135m", "config": {"noise": 0.1, "samples": 1}}
+    assert _resume(path, run) == {}
+    with path.open("a", encoding="utf-8") as f:  # one finished fact, one cut short
+        f.write('{"known_id": 3, "p_clean": 0.5}\n{"known_id": 4, "p_cl')
+    assert _resume(path, run) == {3: {"known_id": 3, "p_clean": 0.5}}
+    assert path.read_text(encoding="utf-8").endswith("0.5}\n")  # appends start on a new line
+    other = {"model": "smollm2-135m", "config": {"noise": 0.2, "samples": 1}}
+    assert _resume(path, other) == {}
+    assert _resume(path, other) == {}  # the file now belongs to the other settings

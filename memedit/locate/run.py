@@ -3,6 +3,7 @@ edit layers, write heatmaps (PNG) and the effects (JSON)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -43,6 +44,12 @@ def _answer_token(tokenizer: Any, attribute: str) -> int:
     return int(tokenizer(" " + attribute.strip(), add_special_tokens=False)["input_ids"][0])
 
 
+def _forward_params(model: nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
 def known_facts(
     model: nn.Module, tokenizer: Any, facts: Sequence[Mapping[str, Any]], *, batch: int = 64
 ) -> list[tuple[dict[str, Any], int]]:
@@ -63,12 +70,14 @@ def known_facts(
         )
     known: set[int] = set()
     answers: dict[int, int] = {}
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
     with torch.inference_mode():
         for group in by_len.values():
             for lo in range(0, len(group), batch):
                 part = group[lo : lo + batch]
                 x = torch.tensor([ids for _, ids, _ in part], device=device)
-                top = model(input_ids=x, use_cache=False).logits[:, -1].argmax(-1).tolist()
+                logits = model(input_ids=x, use_cache=False, **kwargs).logits
+                top = logits[:, -1].argmax(-1).tolist()
                 for (i, _, answer), pred in zip(part, top, strict=True):
                     if int(pred) == answer:
                         known.add(i)
@@ -162,6 +171,72 @@ def write_heatmaps(
     return paths
 
 
+def _fact_record(fact: Mapping[str, Any], ft: Any) -> dict[str, Any]:
+    return {
+        "known_id": fact.get("known_id"),
+        "prompt": fact["prompt"],
+        "tokens": ft.tokens,
+        "subject": list(ft.subject),
+        "p_clean": ft.p_clean,
+        "p_corrupt": ft.p_corrupt,
+        "restored": ft.restored,
+    }
+
+
+#: finished facts of an unfinished run, one JSON line each after a line naming the run
+PARTIAL = "facts.partial.jsonl"
+
+
+def _resume(path: Path, identity: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
+    """Facts traced by an earlier, interrupted run with the same model and settings (by
+    known_id); otherwise starts ``path`` afresh for this run."""
+    done: dict[Any, dict[str, Any]] = {}
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if lines and json.loads(lines[0]) == json.loads(json.dumps(identity)):
+            for line in lines[1:]:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the interruption
+                    continue
+                done[record["known_id"]] = record
+            kept = [lines[0], *(json.dumps(r) for r in done.values())]
+            path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+            return done
+        logger.warning("%s is from another model or settings; starting afresh", path)
+    path.write_text(json.dumps(identity) + "\n", encoding="utf-8")
+    return done
+
+
+def _children_cpu() -> float:
+    """CPU seconds of finished child processes (the workers), user + system."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(model_name: str | None, config: TraceConfig) -> None:
+    import torch
+
+    from memedit.models import load_model
+
+    torch.set_num_threads(1)  # one process per core: no thread barriers on a busy machine
+    _WORKER["model"], _WORKER["tok"] = load_model(model_name)
+    _WORKER["config"] = config
+
+
+def _worker_trace(item: tuple[dict[str, Any], int]) -> dict[str, Any]:
+    fact, answer = item
+    model, tok, config = _WORKER["model"], _WORKER["tok"], _WORKER["config"]
+    return _fact_record(
+        fact, trace_fact(model, tok, fact["prompt"], fact["subject"], answer, config)
+    )
+
+
 def run_locate(
     model_name: str | None = None,
     *,
@@ -173,13 +248,20 @@ def run_locate(
     seed: int = 0,
     progress: bool = True,
     facts_path: Path | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Trace the first ``n`` known facts of ``known_1000.json`` on a catalogue model and write
-    ``effects.json`` and the heatmaps under ``out``. Returns the JSON document."""
+    ``effects.json`` and the heatmaps under ``out``. Returns the JSON document.
+
+    ``workers > 1`` traces facts in that many processes (one thread each; each loads the
+    model), for a CPU with several cores; the results are those of ``workers=1``."""
     from tqdm.auto import tqdm
 
     from memedit.models import load_model
 
+    if workers < 1:
+        msg = f"workers must be >= 1, got {workers!r}"
+        raise ValueError(msg)
     model, tok = load_model(model_name)
     spec = ensure_spec(model)
     count = n_layers(model, spec)
@@ -187,23 +269,59 @@ def run_locate(
     start = time.perf_counter()
     known = known_facts(model, tok, facts)
     logger.info("%d of %d facts are known to the model", len(known), len(facts))
-    chosen = known[:n]
-    sigma = embedding_std(model, tok, [f for f, _ in chosen])
-    config = TraceConfig(noise=noise_factor * sigma, samples=samples, window=window, seed=seed)
-    traces = []
-    for fact, answer in tqdm(chosen, desc="causal trace", disable=not progress):
-        ft = trace_fact(model, tok, fact["prompt"], fact["subject"], answer, config)
-        traces.append(
-            {
-                "known_id": fact.get("known_id"),
-                "prompt": fact["prompt"],
-                "tokens": ft.tokens,
-                "subject": list(ft.subject),
-                "p_clean": ft.p_clean,
-                "p_corrupt": ft.p_corrupt,
-                "restored": ft.restored,
-            }
+    if n > len(known):
+        logger.warning(
+            "--n %d asked for more facts than the %d of %d the model knows; tracing %d",
+            n,
+            len(known),
+            len(facts),
+            len(known),
         )
+    chosen = known[:n]
+    # sigma over every known fact's subject tokens, so that it does not depend on n and a run
+    # with a larger n resumes one with a smaller n
+    sigma = embedding_std(model, tok, [f for f, _ in known])
+    config = TraceConfig(noise=noise_factor * sigma, samples=samples, window=window, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {"model": model_name or "smollm2-135m", "config": dataclasses.asdict(config)}
+    done = _resume(out / PARTIAL, identity)
+    todo = [(f, a) for f, a in chosen if f.get("known_id") not in done]
+    if len(todo) < len(chosen):
+        logger.info("resuming: %d of %d facts already traced", len(chosen) - len(todo), len(chosen))
+    bar = tqdm(
+        total=len(chosen),
+        initial=len(chosen) - len(todo),
+        desc="causal trace",
+        disable=not progress,
+    )
+    cpu = time.process_time() - _children_cpu()
+    with (out / PARTIAL).open("a", encoding="utf-8") as log:
+
+        def keep(record: dict[str, Any]) -> None:
+            done[record["known_id"]] = record
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update()
+
+        if workers == 1:
+            for fact, answer in todo:
+                ft = trace_fact(model, tok, fact["prompt"], fact["subject"], answer, config)
+                keep(_fact_record(fact, ft))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = multiprocessing.get_context("spawn")
+            init = (model_name, config)
+            with ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_worker_init, initargs=init
+            ) as pool:
+                for future in as_completed([pool.submit(_worker_trace, item) for item in todo]):
+                    keep(future.result())
+    bar.close()
+    cpu = time.process_time() - cpu + _children_cpu()
+    traces = [done[f.get("known_id")] for f, _ in chosen]
     effects = aggregate(traces, config.components)
     rec = recommend(effects)
     name = model_name or "smollm2-135m"
@@ -214,6 +332,8 @@ def run_locate(
         "facts_examined": len(facts),
         "facts_known": len(known),
         "facts_traced": len(traces),
+        "facts_requested": n,
+        "workers": workers,
         "noise_std": config.noise,
         "noise_factor": noise_factor,
         "samples": samples,
@@ -221,14 +341,14 @@ def run_locate(
         "seed": seed,
         "dtype": str(next(model.parameters()).dtype),
         "seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds_this_run": round(cpu, 1),
+        "facts_traced_this_run": len(todo),
         "mean_p_clean": sum(t["p_clean"] for t in traces) / max(1, len(traces)),
         "mean_p_corrupt": sum(t["p_corrupt"] for t in traces) / max(1, len(traces)),
         "recommendation": rec,
         "effects": effects,
         "facts": traces,
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "effects.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     write_heatmaps(effects, out, f"{name}, {len(traces)} known facts")
     return doc
