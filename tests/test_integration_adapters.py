@@ -111,3 +111,22 @@ def test_cli_edits_with_grace_answers_after_a_fresh_load_and_rolls_back(
     assert "rolled back #1" in capsys.readouterr().out
     assert main(ask) == 0
     assert capsys.readouterr().out.splitlines()[0] == before
+
+
+def test_lora_edit_through_peft_flips_the_answer_and_unmerges_bit_for_bit(
+    em: EditableModel, parts: dict[str, Any]
+) -> None:
+    pytest.importorskip("peft")
+    req = load_requests("ZsRE", limit=1)[0]
+    digest = model_digest(parts["model"])
+    base = _logits(parts, req.prompt)
+    assert em.teacher_forced([req.prompt], [req.target_new]) != [1.0]
+    [rec] = em.edit(req, strategy="adapter", method="lora")
+    try:
+        assert model_digest(parts["model"]) != digest  # merged into the weights
+        assert em.teacher_forced([req.prompt], [req.target_new]) == [1.0]
+        assert req.target_new in em.generate(req.prompt, max_new_tokens=12).text
+    finally:
+        em.rollback(rec.id)
+    assert model_digest(parts["model"]) == digest
+    assert torch.equal(_logits(parts, req.prompt), base)
