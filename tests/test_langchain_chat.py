@@ -17,6 +17,7 @@ pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_tests")
 langchain_openai = pytest.importorskip("langchain_openai")
 
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.messages import HumanMessage, SystemMessage  # noqa: E402
 from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
@@ -143,6 +144,14 @@ class TestChatMemeditBlackBoxIntegration(_Common, ChatModelIntegrationTests):
         return {"editable": self._em, "llm": self._llm}
 
 
+class Tokens(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.seen.append(token)
+
+
 def test_black_box_gets_the_edit_in_context_only_in_scope(
     black_box_em: EditableModel, bare_server: str
 ) -> None:
@@ -154,9 +163,11 @@ def test_black_box_gets_the_edit_in_context_only_in_scope(
     # exactly what the wrapped model answers when told the fact in a system message
     told = llm.invoke([SystemMessage(fact_context([EDIT])), HumanMessage(IN_SCOPE)])
     assert reply.text == told.text
-    streamed = list(chat.stream(IN_SCOPE))
+    tokens = Tokens()
+    streamed = list(chat.stream(IN_SCOPE, config={"callbacks": [tokens]}))
     assert len(streamed) > 1  # the wrapped model's SSE stream, chunk by chunk
     assert "".join(c.text for c in streamed) == told.text
+    assert "".join(tokens.seen) == told.text  # each chunk reported to callbacks once
     assert streamed[0].response_metadata["memedit"]["in_scope"] is True
     other = "What is the capital of France?"
     reply = chat.invoke(other)

@@ -99,7 +99,8 @@ class ChatMemedit(BaseChatModel):
     go to ``llm`` unchanged, in scope with the edits it is about stated in a system message.
     ``stream``/``astream`` stream when ``llm`` does. Without ``llm``, `editable`'s local model
     answers (``EditableModel.chat``: the counterfactual path in scope, the model with its
-    in-weight edits otherwise), greedily, in one chunk when streamed.
+    in-weight edits otherwise), greedily, in one chunk when streamed. (LangChain's own
+    ``stream`` reports each chunk to the callbacks.)
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -217,8 +218,6 @@ class ChatMemedit(BaseChatModel):
                 response_metadata=message.response_metadata,
                 chunk_position="last",
             )
-            if run_manager:
-                run_manager.on_llm_new_token(message.text, chunk=ChatGenerationChunk(message=chunk))
             yield ChatGenerationChunk(message=chunk)
             return
         sent, decision = self._routed(messages)
@@ -226,8 +225,6 @@ class ChatMemedit(BaseChatModel):
         for piece in self.llm.stream(sent, **self._inner_kwargs(stop, kwargs)):
             chunk = _chunk(piece, decision if first else None)
             first = False
-            if run_manager:
-                run_manager.on_llm_new_token(chunk.text, chunk=ChatGenerationChunk(message=chunk))
             yield ChatGenerationChunk(message=chunk)
 
     async def _astream(
@@ -246,10 +243,6 @@ class ChatMemedit(BaseChatModel):
                 response_metadata=message.response_metadata,
                 chunk_position="last",
             )
-            if run_manager:
-                await run_manager.on_llm_new_token(
-                    message.text, chunk=ChatGenerationChunk(message=chunk)
-                )
             yield ChatGenerationChunk(message=chunk)
             return
         sent, decision = await asyncio.to_thread(self._routed, messages)
@@ -257,10 +250,6 @@ class ChatMemedit(BaseChatModel):
         async for piece in self.llm.astream(sent, **self._inner_kwargs(stop, kwargs)):
             chunk = _chunk(piece, decision if first else None)
             first = False
-            if run_manager:
-                await run_manager.on_llm_new_token(
-                    chunk.text, chunk=ChatGenerationChunk(message=chunk)
-                )
             yield ChatGenerationChunk(message=chunk)
 
 
