@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export MEMEDIT_TEST_PG_URL
 
-.PHONY: venv demo test lint typecheck unit bench eval eval-weights eval-weights-sequential results locate clean
+.PHONY: venv demo test lint typecheck unit bench eval eval-weights eval-weights-sequential eval-adapters-sequential results locate clean
 
 venv: $(VENV)/.installed
 
@@ -76,6 +76,15 @@ eval-weights-sequential: venv
 			--fluency-tokens 0 --out $(EVAL_DIR)/weights-sequential-ZsRE || exit 1; done
 	$(MAKE) results
 
+# lifelong adapter editing (issue #5): 500 ZsRE edits with GRACE, one at a time, scored at each
+# checkpoint; one thread (two are several times slower on this shared 2-core CPU). ~3 h here;
+# an interrupted run resumes its scoring but re-trains the edits.
+eval-adapters-sequential: venv
+	OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset ZsRE --strategies adapter:grace --limit 500 \
+		--sequential 500 --checkpoints 10,100,200,300,400,500 --no-generation \
+		--fluency-tokens 0 --out $(EVAL_DIR)/adapter-grace-sequential-ZsRE
+	$(MAKE) results
+
 # Causal tracing (issue #7): heatmaps, effects.json and the recommended edit layers of the
 # default model under docs/locate; one noise draw per fact, one process per core. ~30 min on
 # this 2-core CPU when it is shared (BENCHMARKS.md, "Issue #7").
@@ -87,7 +96,8 @@ locate: venv
 
 results: venv
 	$(BIN)/memedit results $(EVAL_DIR)/knowedit $(EVAL_DIR)/knowedit-unedited \
-		$(EVAL_DIR)/zsre-sequential $(wildcard $(EVAL_DIR)/weights-*) --write RESULTS.md \
+		$(EVAL_DIR)/zsre-sequential $(wildcard $(EVAL_DIR)/weights-*) \
+		$(wildcard $(EVAL_DIR)/adapter-*) --write RESULTS.md \
 		--notes $(EVAL_DIR)/NOTES.md
 
 clean:
