@@ -52,19 +52,22 @@ def test_serve_cli_answers_and_sigterm_loses_no_accepted_edit(tmp_path: Path) ->
         enough = threading.Event()
 
         def writer(w: int) -> None:
-            with httpx.Client(base_url=served.url, timeout=None) as c:
-                for n in range(10_000):
-                    body = _edit(w * 10_000 + n)
-                    try:
-                        r = c.post("/v1/edits", json=body, headers=AUTH)
-                    except httpx.TransportError:
-                        return  # the server stopped taking connections: not accepted
-                    if r.status_code != 201:
-                        return  # refused while shutting down: not accepted either
-                    with guard:
-                        accepted.append((r.json()["id"], body["prompt"]))
-                        if len(accepted) >= 40:
-                            enough.set()
+            try:
+                with httpx.Client(base_url=served.url, timeout=None) as c:
+                    for n in range(10_000):
+                        body = _edit(w * 10_000 + n)
+                        try:
+                            r = c.post("/v1/edits", json=body, headers=AUTH)
+                        except httpx.TransportError:
+                            return  # the server stopped taking connections: not accepted
+                        if r.status_code != 201:
+                            return  # refused while shutting down: not accepted either
+                        with guard:
+                            accepted.append((r.json()["id"], body["prompt"]))
+                            if len(accepted) >= 40:
+                                enough.set()
+            finally:
+                enough.set()  # a writer that stops early must not leave the test waiting
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
         for t in threads:
