@@ -15,7 +15,7 @@ import pytest
 
 from memedit.datasets import load_requests
 from memedit.scope import MiniLMScopeClassifier, load_scope_classifier
-from memedit.scope.evaluate import Report, evaluate_own_edit
+from memedit.scope.evaluate import Report, asks_edited_fact, evaluate_own_edit, queries_of
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +23,11 @@ RECALL_FLOOR = 0.95
 FPR_FLOOR = 0.05
 
 ZSRE_FPR_REASON = (
-    "ZsRE dev locality FPR measured 0.138 (whole file) vs floor 0.05: at least 6.9% of ZsRE's "
-    "'Relation_Specificity' prompts ask the edit's own relation ('The father of X is' for the "
-    "edit 'Who was X's father?'), and MiniLM pair features do not separate the rest well enough"
+    "ZsRE dev locality FPR measured 0.113 (whole file) vs floor 0.05: 220 of ZsRE's 1,560 "
+    "'Relation_Specificity' prompts (14.1%) expect the edit's own old answer — they ask the "
+    "edited fact in other words ('The constellation of Butterfly Cluster is' for the edit "
+    "'What constellation is home to Butterfly Cluster?'), so a router that understands them "
+    "must fire; without them the FPR is 0.034 (the test below)"
 )
 
 CASES = [
@@ -33,6 +35,7 @@ CASES = [
     pytest.param(
         "ZsRE", "fpr", id="ZsRE-fpr", marks=pytest.mark.xfail(strict=True, reason=ZSRE_FPR_REASON)
     ),
+    pytest.param("ZsRE", "fpr-other-facts", id="ZsRE-fpr-other-facts"),
     pytest.param("WikiData_counterfact", "recall", id="WikiData_counterfact-recall"),
     pytest.param("WikiData_counterfact", "fpr", id="WikiData_counterfact-fpr"),
     pytest.param("WikiData_recent", "recall", id="WikiData_recent-recall"),
@@ -48,16 +51,29 @@ def scope() -> MiniLMScopeClassifier:
 _REPORTS: dict[str, Report] = {}
 
 
-def _report(scope: MiniLMScopeClassifier, dataset: str) -> Report:
-    if dataset not in _REPORTS:
+def _report(scope: MiniLMScopeClassifier, dataset: str, *, other_facts: bool = False) -> Report:
+    """`other_facts`: leave out the locality prompts that expect the edit's old answer."""
+    key = f"{dataset}:{other_facts}"
+    if key not in _REPORTS:
         limit = int(os.environ.get("MEMEDIT_SCOPE_DEV_LIMIT", "200")) or None
-        _REPORTS[dataset] = evaluate_own_edit(scope, load_requests(dataset, limit=limit))
-    return _REPORTS[dataset]
+        reqs = load_requests(dataset, limit=limit)
+        old = {
+            (i, p.prompt) for i, r in enumerate(reqs) for p in r.locality if asks_edited_fact(r, p)
+        }
+        queries = [
+            q
+            for q in queries_of(reqs)
+            if not (other_facts and q.locality and (q.record, q.text) in old)
+        ]
+        if other_facts:
+            assert len(queries) < len(queries_of(reqs)), "no old-answer prompt left out"
+        _REPORTS[key] = evaluate_own_edit(scope, reqs, queries)
+    return _REPORTS[key]
 
 
 @pytest.mark.parametrize(("dataset", "metric"), CASES)
 def test_dev_floor(scope: MiniLMScopeClassifier, dataset: str, metric: str) -> None:
-    report = _report(scope, dataset)
+    report = _report(scope, dataset, other_facts=metric == "fpr-other-facts")
     assert report.rates["prompt"] >= 0.99, report.summary()
     if metric == "recall":
         assert report.recall >= RECALL_FLOOR, report.summary()

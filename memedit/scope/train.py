@@ -49,7 +49,9 @@ class TrainConfig:
     target_recall: float = 0.97
     #: Recall kept on held-out question-form positives (ZsRE rephrasings and edit prompts) by
     #: the head's ``question_threshold``; 0 leaves question-form edits on `target_recall`.
-    question_target_recall: float = 0.95
+    #: 0.96, not the floor's 0.95: calibrated at exactly 0.95 (threshold 0.83) the first 200
+    #: ZsRE dev records kept only 0.940, so the floor needs a margin for sampling.
+    question_target_recall: float = 0.96
     rephrase_weight: float = 8.0
     seed: int = 0
     counterfact_limit: int = 3000
