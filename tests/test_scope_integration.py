@@ -23,11 +23,11 @@ RECALL_FLOOR = 0.95
 FPR_FLOOR = 0.05
 
 ZSRE_FPR_REASON = (
-    "ZsRE dev locality FPR measured 0.113 (whole file) vs floor 0.05: 220 of ZsRE's 1,560 "
+    "ZsRE dev locality FPR measured 0.124 (whole file) vs floor 0.05: 220 of ZsRE's 1,560 "
     "'Relation_Specificity' prompts (14.1%) expect the edit's own old answer — they ask the "
     "edited fact in other words ('The constellation of Butterfly Cluster is' for the edit "
     "'What constellation is home to Butterfly Cluster?'), so a router that understands them "
-    "must fire; without them the FPR is 0.034 (the test below)"
+    "must fire; without them the FPR is 0.045 (the test below)"
 )
 
 CASES = [
