@@ -10,7 +10,9 @@ entry key and ``eps`` that entry's radius:
   ``eps_init``);
 * otherwise, same label: *expand* the nearest entry's radius to cover the new key;
 * otherwise, another label: *split*: the nearest entry's radius and the new entry's are both
-  set to ``d / 2``, so the two regions no longer overlap.
+  set to ``d / 2``, so the two regions no longer overlap. An edit that had expanded the shrunk
+  entry and whose key it no longer covers gets its own entry back (its own trained value),
+  so that every committed edit still answers its own prompt.
 
 Because the entries are a deterministic function of the items, rolling one edit back
 rebuilds them from the remaining items: the codebook is then exactly what it would be had
@@ -122,6 +124,23 @@ class Codebook:
         else:  # split: neither region reaches into the other
             self.radii[i] = d / 2.0
             self._append(edit_id, item, d / 2.0)
+            self._promote_uncovered(i, key)
+
+    def _promote_uncovered(self, i: int, conflict: torch.Tensor) -> None:
+        """After entry ``i`` shrank: an edit that had expanded it but whose key now lies
+        outside gets its own entry back (its own trained value, a radius reaching at most half
+        way to the conflicting key), so every committed edit keeps answering its prompt."""
+        assert self.keys is not None
+        for member in list(self.members[i]):
+            if member == self.owners[i]:
+                continue
+            item = self.items[member]
+            own = item.key.to(device=self.keys.device, dtype=self.keys.dtype)
+            if float((own - self.keys[i]).norm()) <= self.radii[i]:
+                continue
+            self.members[i].remove(member)
+            gap = float((own - conflict).norm())
+            self._append(member, item, min(item.eps_init, gap / 2.0))
 
     def _append(self, edit_id: int, item: Item, radius: float) -> None:
         import torch
