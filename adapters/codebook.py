@@ -10,9 +10,13 @@ entry key and ``eps`` that entry's radius:
   ``eps_init``);
 * otherwise, same label: *expand* the nearest entry's radius to cover the new key;
 * otherwise, another label: *split*: the nearest entry's radius and the new entry's are both
-  set to ``d / 2``, so the two regions no longer overlap. An edit that had expanded the shrunk
-  entry and whose key it no longer covers gets its own entry back (its own trained value),
-  so that every committed edit still answers its own prompt.
+  set to ``d / 2``, so the two regions no longer overlap.
+
+Unlike the paper, an expanding edit also keeps an entry of its own (radius ``eps_init``): the
+paper's expansion answers the new prompt with the neighbour's value, trained on another prompt,
+which for a multi-token target often gets only part of it right, and a later split can shrink
+the neighbour's radius until the new key falls outside. With its own entry (nearest-key lookup,
+distance 0 to its own key) every committed edit answers its prompt with its own trained value.
 
 Because the entries are a deterministic function of the items, rolling one edit back
 rebuilds them from the remaining items: the codebook is then exactly what it would be had
@@ -76,7 +80,6 @@ class Codebook:
     radii: list[float] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)  # edit id whose key each entry is
-    members: list[list[int]] = field(default_factory=list)  # edit ids each entry covers
 
     def __len__(self) -> int:
         return len(self.radii)
@@ -101,7 +104,7 @@ class Codebook:
 
     def rebuild(self) -> None:
         self.keys = self.values = None
-        self.radii, self.labels, self.owners, self.members = [], [], [], []
+        self.radii, self.labels, self.owners = [], [], []
         for edit_id, item in self.items.items():
             self._insert(edit_id, item)
 
@@ -118,29 +121,12 @@ class Codebook:
         d = float(dists[i])
         if d > self.radii[i] + item.eps_init:
             self._append(edit_id, item, item.eps_init)
-        elif self.labels[i] == item.label:  # expand: the entry's value answers this key too
+        elif self.labels[i] == item.label:  # expand the neighbour; keep an entry of its own
             self.radii[i] = max(self.radii[i], d)
-            self.members[i].append(edit_id)
+            self._append(edit_id, item, item.eps_init)
         else:  # split: neither region reaches into the other
             self.radii[i] = d / 2.0
             self._append(edit_id, item, d / 2.0)
-            self._promote_uncovered(i, key)
-
-    def _promote_uncovered(self, i: int, conflict: torch.Tensor) -> None:
-        """After entry ``i`` shrank: an edit that had expanded it but whose key now lies
-        outside gets its own entry back (its own trained value, a radius reaching at most half
-        way to the conflicting key), so every committed edit keeps answering its prompt."""
-        assert self.keys is not None
-        for member in list(self.members[i]):
-            if member == self.owners[i]:
-                continue
-            item = self.items[member]
-            own = item.key.to(device=self.keys.device, dtype=self.keys.dtype)
-            if float((own - self.keys[i]).norm()) <= self.radii[i]:
-                continue
-            self.members[i].remove(member)
-            gap = float((own - conflict).norm())
-            self._append(member, item, min(item.eps_init, gap / 2.0))
 
     def _append(self, edit_id: int, item: Item, radius: float) -> None:
         import torch
@@ -153,7 +139,6 @@ class Codebook:
         self.radii.append(radius)
         self.labels.append(item.label)
         self.owners.append(edit_id)
-        self.members.append([edit_id])
 
     def to(self, device: torch.device) -> None:
         """Keep the entries on ``device`` (the model's)."""

@@ -67,23 +67,21 @@ def test_same_label_nearby_expands_and_another_label_splits() -> None:
     book = Codebook()
     book.add(1, _item([0.0, 0.0], "a"))
     book.add(2, _item([1.5, 0.0], "a"))  # within eps + eps_init, same label: expand
-    assert len(book) == 1 and book.radii == [1.5] and book.members == [[1, 2]]
-    book.add(3, _item([0.0, 2.0], "b"))  # within reach, another label: split at d/2
-    assert book.radii[:2] == [1.0, 1.0] and book.labels == ["a", "b", "a"]  # 2 uncovered: own
+    assert book.radii == [1.5, 1.0] and book.owners == [1, 2]  # and an entry of its own
+    book.add(3, _item([0.0, 2.0], "b"))  # within reach of entry 1, another label: split at d/2
+    assert book.radii == [1.0, 1.0, 1.0] and book.labels == ["a", "a", "b"]
     hit, idx = book.lookup(torch.tensor([[0.0, 0.9], [0.0, 1.1]]))
-    assert hit.tolist() == [True, True] and idx.tolist() == [0, 1]
+    assert hit.tolist() == [True, True] and idx.tolist() == [0, 2]
 
 
-def test_a_split_that_uncovers_an_expanding_edit_gives_it_its_own_entry_back() -> None:
+def test_every_edit_answers_its_own_key_with_its_own_value_after_expands_and_splits() -> None:
     book = Codebook()
     book.add(1, _item([0.0, 0.0], "human", value=1.0))
     book.add(2, _item([1.8, 0.0], "human", value=2.0))  # expands entry 1 to radius 1.8
-    assert len(book) == 1 and book.members == [[1, 2]]
     book.add(3, _item([-1.0, 0.0], "male", value=3.0))  # splits entry 1 down to 0.5
-    assert book.owners == [1, 3, 2] and book.members == [[1], [3], [2]]
-    assert book.radii == [0.5, 0.5, 1.0]  # edit 2 is back, at most half way to edit 3's key
+    assert book.owners == [1, 2, 3] and book.radii == [0.5, 1.0, 0.5]
     out = book.apply(torch.tensor([[[1.8, 0.0], [0.0, 0.0], [-1.0, 0.0]]]))
-    assert out[0, :, 0].tolist() == [2.0, 1.0, 3.0]  # every edit answers with its own value
+    assert out[0, :, 0].tolist() == [2.0, 1.0, 3.0]  # the paper's expansion would answer 2 with 1
 
 
 def test_rollback_rebuilds_as_if_the_edit_had_never_been_made() -> None:
