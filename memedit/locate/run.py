@@ -183,8 +183,9 @@ def _fact_record(fact: Mapping[str, Any], ft: Any) -> dict[str, Any]:
     }
 
 
-#: finished facts of an unfinished run, one JSON line each after a line naming the run
-PARTIAL = "facts.partial.jsonl"
+#: every traced fact's tables, one JSON line each after a line naming the model and settings;
+#: a run with the same ones resumes from it (finished facts are not traced again)
+PARTIAL = "facts.jsonl"
 
 
 def _resume(path: Path, identity: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
@@ -347,7 +348,8 @@ def run_locate(
         "mean_p_corrupt": sum(t["p_corrupt"] for t in traces) / max(1, len(traces)),
         "recommendation": rec,
         "effects": effects,
-        "facts": traces,
+        "facts": [{k: v for k, v in t.items() if k != "restored"} for t in traces],
+        "tables": f"{PARTIAL} (restored probability per component, position and layer)",
     }
     (out / "effects.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     write_heatmaps(effects, out, f"{name}, {len(traces)} known facts")
