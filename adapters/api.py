@@ -111,3 +111,26 @@ def get_adapter(name: str) -> AdapterFactory:
     except KeyError:
         msg = f"unknown adapter method {name!r}; known: {adapter_names()}"
         raise InvalidRequestError(msg, field="method", value=name) from None
+
+
+def check_hparams(owner: str, layer: object, checks: dict[str, bool], values: object) -> None:
+    """Refuse hyperparameters: `layer` must be None or a non-negative int, and every entry of
+    `checks` (field name -> is it in range) must hold; the error names ``owner.field``."""
+    if layer is not None and (not isinstance(layer, int) or layer < 0):
+        msg = f"{owner}.layer must be a non-negative integer, got {layer!r}"
+        raise InvalidRequestError(msg, field="layer", value=layer)
+    for name, ok in checks.items():
+        if not ok:
+            value = getattr(values, name)
+            msg = f"{owner}.{name} is out of range: {value!r}"
+            raise InvalidRequestError(msg, field=name, value=value)
+
+
+def resolve_layer(owner: str, layer: int | None, fraction: float, count: int) -> int:
+    """The block an adapter sits at: `layer` if given (refused past the model's `count`
+    blocks), else `fraction` of the depth, clamped to the last block."""
+    if layer is not None and layer >= count:
+        msg = f"{owner}.layer={layer} but the model has {count} layers"
+        raise InvalidRequestError(msg, field="layer", value=layer)
+    chosen = layer if layer is not None else round(fraction * count)
+    return min(chosen, count - 1)

@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from memedit.errors import InvalidRequestError
 
-from .api import AdapterError, NonFiniteAdapterError, register_adapter
+from .api import (
+    AdapterError,
+    NonFiniteAdapterError,
+    check_hparams,
+    register_adapter,
+    resolve_layer,
+)
 from .codebook import Codebook, Item, item_from_bytes, item_to_bytes
 
 if TYPE_CHECKING:
@@ -59,9 +65,6 @@ class GraceHparams:
     stop_prob: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
-            msg = f"GraceHparams.layer must be a non-negative integer, got {self.layer!r}"
-            raise InvalidRequestError(msg, field="layer", value=self.layer)
         checks = {
             "layer_fraction": 0.0 <= self.layer_fraction <= 1.0,
             "radius": math.isfinite(self.radius) and self.radius >= 0.0,
@@ -69,22 +72,12 @@ class GraceHparams:
             "lr": math.isfinite(self.lr) and self.lr > 0.0,
             "stop_prob": 0.0 < self.stop_prob < 1.0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                value = getattr(self, name)
-                msg = f"GraceHparams.{name} is out of range: {value!r}"
-                raise InvalidRequestError(msg, field=name, value=value)
+        check_hparams("GraceHparams", self.layer, checks, self)
 
     def layer_for(self, model: nn.Module) -> int:
         from memedit.spec import n_layers
 
-        count = n_layers(model)
-        layer = self.layer if self.layer is not None else round(self.layer_fraction * count)
-        layer = min(layer, count - 1)
-        if self.layer is not None and self.layer >= count:
-            msg = f"GraceHparams.layer={self.layer} but the model has {count} layers"
-            raise InvalidRequestError(msg, field="layer", value=self.layer)
-        return layer
+        return resolve_layer("GraceHparams", self.layer, self.layer_fraction, n_layers(model))
 
 
 class GraceAdapter:

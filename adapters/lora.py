@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from memedit.errors import IntegrityError, InvalidRequestError
 
-from .api import AdapterError, NonFiniteAdapterError, register_adapter
+from .api import (
+    AdapterError,
+    NonFiniteAdapterError,
+    check_hparams,
+    register_adapter,
+    resolve_layer,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -61,9 +67,6 @@ class LoraHparams:
     stop_prob: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
-            msg = f"LoraHparams.layer must be a non-negative integer, got {self.layer!r}"
-            raise InvalidRequestError(msg, field="layer", value=self.layer)
         checks = {
             "layer_fraction": 0.0 <= self.layer_fraction <= 1.0,
             "rank": isinstance(self.rank, int) and self.rank >= 1,
@@ -72,22 +75,16 @@ class LoraHparams:
             "lr": math.isfinite(self.lr) and self.lr > 0.0,
             "stop_prob": 0.0 < self.stop_prob < 1.0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                value = getattr(self, name)
-                msg = f"LoraHparams.{name} is out of range: {value!r}"
-                raise InvalidRequestError(msg, field=name, value=value)
+        check_hparams("LoraHparams", self.layer, checks, self)
 
     def module_for(self, model: nn.Module) -> str:
         from memedit.intrinsic.compute import mlp_out_name
         from memedit.spec import n_layers
 
         count = n_layers(model)
-        if self.layer is not None and self.layer >= count:
-            msg = f"LoraHparams.layer={self.layer} but the model has {count} layers"
-            raise InvalidRequestError(msg, field="layer", value=self.layer)
-        layer = self.layer if self.layer is not None else round(self.layer_fraction * count)
-        return mlp_out_name(model, min(layer, count - 1))
+        return mlp_out_name(
+            model, resolve_layer("LoraHparams", self.layer, self.layer_fraction, count)
+        )
 
 
 class LoraAdapter:
