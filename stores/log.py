@@ -9,6 +9,11 @@ Two tables:
   embedder identity and dimension, and a *generation* counter raised in the same transaction as
   every change, so a saved index can tell whether it is current.
 
+On SQLite and PostgreSQL an expression index on the request's subject (``SUBJECT_INDEX``)
+serves `EditLog.query`'s subject filter. It is not part of the schema version: a log written
+before it existed gets it when next opened (where the database lets this process create it;
+otherwise the filter scans), and a memedit that does not know it ignores it.
+
 A SQLite file by default; any SQLAlchemy URL (PostgreSQL for many replicas) otherwise. An
 in-memory SQLite log uses one shared connection (``StaticPool``) so it lives as long as the
 engine and supports ``engine.raw_connection()`` (the wrapper backs it up through it).
@@ -21,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -45,6 +50,10 @@ META_TABLE = "memedit_meta"
 # Only edits of this strategy are retrieved for queries (and so indexed); the others (in-weight
 # edits, adapters) are logged for persistence and rollback but act through the model itself.
 RETRIEVED_STRATEGY = "memory"
+
+#: `EditLog.query` statuses: what each keeps.
+QUERY_STATUSES = ("active", "rolled_back", "all")
+SUBJECT_INDEX = "ix_memedit_edits_subject"
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
@@ -79,6 +88,36 @@ _RECORD_COLUMNS = (
     edits.c.created_at,
     edits.c.rolled_back_at,
 )
+
+
+class EditPage(NamedTuple):
+    """One page of `EditLog.query`: how many edits match, and those on the page (id order)."""
+
+    total: int
+    records: list[EditRecord]
+
+
+# The request's subject as SQL text, per database: the index is built on this expression and
+# the subject filter is written with the very same text (a bound JSON path would not match it).
+_SUBJECT_SQL = {
+    "sqlite": "json_extract(request, '$.subject')",
+    "postgresql": "(request ->> 'subject')",
+}
+_INDEX_EXISTS = {
+    "sqlite": "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = :name",
+    "postgresql": (
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :name"
+    ),
+}
+
+
+def _subject_of(dialect: str) -> sa.ColumnElement[str]:
+    """The request's subject as a text expression (SQLAlchemy's portable JSON accessor on a
+    database without an entry in ``_SUBJECT_SQL``, and no index)."""
+    sql = _SUBJECT_SQL.get(dialect)
+    if sql is None:
+        return edits.c.request["subject"].as_string()
+    return sa.literal_column(sql, sa.String)
 
 
 def utcnow() -> datetime:
@@ -156,6 +195,9 @@ class EditLog:
         except BaseException:
             self.engine.dispose()
             raise
+        self._subject = _subject_of(self.engine.dialect.name)
+        #: whether subject filters are served by the subject index (SQLite, PostgreSQL)
+        self.subject_indexed = self._add_subject_index()
 
     def _create(self) -> str:
         metadata.create_all(self.engine, checkfirst=True)
@@ -181,6 +223,25 @@ class EditLog:
             msg = f"the edit log at {self.safe_url} has no log_id (not written by memedit?)"
             raise StoreSchemaError(msg)
         return log_id
+
+    def _add_subject_index(self) -> bool:
+        """Create the subject index if it is missing (see the module docstring); whether the
+        log has it. A database that refuses (read-only file, a role that may not create
+        indexes) leaves the log usable: subject filters then scan the table."""
+        dialect = self.engine.dialect.name
+        if dialect not in _SUBJECT_SQL:
+            return False
+        exists = sa.text(_INDEX_EXISTS[dialect]).bindparams(name=SUBJECT_INDEX)
+        create = f"CREATE INDEX IF NOT EXISTS {SUBJECT_INDEX} ON {EDITS_TABLE} "
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(exists).scalar_one():
+                    return True
+                conn.execute(sa.text(f"{create}({_SUBJECT_SQL[dialect]})"))
+                return bool(conn.execute(exists).scalar_one())
+        except sa.exc.SQLAlchemyError as exc:
+            log.info("edit log %s: no subject index (%s); subject filters scan", self.safe_url, exc)
+            return False
 
     @property
     def safe_url(self) -> str:
@@ -335,6 +396,39 @@ class EditLog:
         with self.engine.connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
+    def query(
+        self,
+        *,
+        status: str = "active",
+        subject: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> EditPage:
+        """Edits by status (``active``, ``rolled_back`` or ``all``) and exact subject (None:
+        any; ``""``: edits without one), in id order: the number that match and the page of
+        at most `limit` (None: all) after the first `offset`, filtered and paged by the
+        database. Bad values raise `InvalidRequestError` naming the argument."""
+        check_query_fields(status, subject, limit, offset)
+        where: list[sa.ColumnElement[bool]] = []
+        if status == "active":
+            where.append(edits.c.rolled_back_at.is_(None))
+        elif status == "rolled_back":
+            where.append(edits.c.rolled_back_at.is_not(None))
+        if subject is not None:
+            where.append(self._subject == subject)
+        # the count rides along as an uncorrelated subquery (computed once): the page and its
+        # total come from one statement, one snapshot; only an empty page needs its own count
+        count = sa.select(sa.func.count()).select_from(edits).where(*where)
+        total_of = count.scalar_subquery().correlate(None).label("total")  # not per row
+        page = sa.select(*_RECORD_COLUMNS, total_of).where(*where)
+        page = page.order_by(edits.c.id).offset(offset)
+        if limit is not None:
+            page = page.limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(page).all() if limit != 0 else []
+            total = int(rows[0].total) if rows else int(conn.execute(count).scalar_one())
+        return EditPage(total=total, records=[_record(row) for row in rows])
+
     def count_active(self, conn: Connection | None = None, *, strategy: str | None = None) -> int:
         """Active edits (of one strategy, if given)."""
         if conn is None:
@@ -394,3 +488,20 @@ def check_batch_fields(strategy: str, method: str, batch_id: str) -> None:
     if not method:
         msg = "method must not be empty"
         raise InvalidRequestError(msg, field="method", value=method)
+
+
+def check_query_fields(status: object, subject: object, limit: object, offset: object) -> None:
+    """Validate `EditLog.query`'s arguments, naming the bad one."""
+    if status not in QUERY_STATUSES:
+        msg = f"status must be one of {', '.join(QUERY_STATUSES)}, got {status!r:.80}"
+        raise InvalidRequestError(msg, field="status", value=status)
+    if subject is not None and not isinstance(subject, str):
+        msg = f"subject must be a string or None, got {subject!r:.80}"
+        raise InvalidRequestError(msg, field="subject", value=subject)
+    for name, value, optional in (("limit", limit, True), ("offset", offset, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            what = "a non-negative integer" + (" or None" if optional else "")
+            msg = f"{name} must be {what}, got {value!r:.80}"
+            raise InvalidRequestError(msg, field=name, value=value)

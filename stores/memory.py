@@ -36,7 +36,7 @@ from memedit.types import EditRecord, EditRequest, Hit
 
 from .embedders import Embedder, MiniLMEmbedder
 from .index import IndexConfig, VectorIndex, read_index_file, write_index_file
-from .log import RETRIEVED_STRATEGY, EditLog, check_batch_fields
+from .log import RETRIEVED_STRATEGY, EditLog, EditPage, check_batch_fields
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -369,6 +369,21 @@ class EditMemory:
         """All active edits in id order (and the rolled-back ones, if asked)."""
         self._check_open()
         return self.log.records(include_rolled_back=include_rolled_back)
+
+    def query(
+        self,
+        *,
+        status: str = "active",
+        subject: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> EditPage:
+        """Edits by status (``active``, ``rolled_back`` or ``all``) and exact subject (None:
+        any), filtered and paged in the log's database, in id order: ``(total, records)``,
+        the number that match and at most `limit` of them (None: all) after the first
+        `offset` (`EditLog.query`)."""
+        self._check_open()
+        return self.log.query(status=status, subject=subject, limit=limit, offset=offset)
 
     def __len__(self) -> int:
         return self.index.ntotal

@@ -12,10 +12,11 @@ from memedit.errors import (
     AlreadyRolledBackError,
     EditNotFoundError,
     EmbedderMismatchError,
+    InvalidRequestError,
     StoreSchemaError,
 )
 from memedit.stores.embedders import HashingEmbedder
-from memedit.stores.log import EditLog
+from memedit.stores.log import SUBJECT_INDEX, EditLog
 from memedit.stores.memory import EditMemory
 
 
@@ -128,3 +129,156 @@ def test_replicas_sync_through_a_shared_log(sql_url: str, tmp_path: Path) -> Non
     finally:
         a.close()
         b.close()
+
+
+def _insert(elog: EditLog, requests: list[EditRequest]) -> list[int]:
+    with elog.engine.begin() as conn:
+        recs, _ = elog.insert(
+            conn,
+            requests,
+            strategy="memory",
+            method="memory",
+            batch_id="b",
+            payloads=[None] * len(requests),
+            embeddings=[None] * len(requests),
+        )
+    return [r.id for r in recs]
+
+
+def _subject_req(i: int, subject: str) -> EditRequest:
+    prompt = f"The colour of {subject} number {i} is" if subject else f"Colour number {i} is"
+    return EditRequest(prompt=prompt, target_new=f"c{i}", subject=subject)
+
+
+def test_query_filters_and_pages_in_sql(sql_url: str, tmp_path: Path) -> None:
+    elog = EditLog(sql_url)
+    try:
+        subjects = ["Ada", "Bob", "Ada", "", "Ada", "Bob", "Ada's"]
+        ids = _insert(elog, [_subject_req(i, s) for i, s in enumerate(subjects)])
+        ada = [i for i, s in zip(ids, subjects, strict=True) if s == "Ada"]
+        with elog.engine.begin() as conn:
+            elog.mark_rolled_back(conn, ada[1])
+            elog.mark_rolled_back(conn, ids[1])
+
+        def got(**kw: object) -> tuple[int, list[int]]:
+            page = elog.query(**kw)  # type: ignore[arg-type]
+            return page.total, [r.id for r in page.records]
+
+        active = [i for i in ids if i not in (ada[1], ids[1])]
+        assert got() == (5, active)
+        assert got(subject="Ada") == (2, [ada[0], ada[2]])
+        assert got(subject="Ada", status="all") == (3, ada)
+        assert got(subject="Ada", status="rolled_back") == (1, [ada[1]])
+        assert got(status="rolled_back") == (2, [ids[1], ada[1]])
+        assert got(subject="") == (1, [ids[3]])  # the edit without a subject
+        assert got(subject="Nobody", status="all") == (0, [])
+        assert got(status="all", limit=3) == (7, ids[:3])
+        assert got(status="all", limit=3, offset=5) == (7, ids[5:])
+        assert got(status="all", offset=7) == (7, [])  # past the end: total, no records
+        assert got(status="all", limit=0) == (7, [])
+        assert got(subject="Ada", limit=1, offset=1) == (2, [ada[2]])
+        total, records = elog.query(subject="Ada")  # unpacks as (total, records)
+        assert total == 2 and records == [elog.get(ada[0]), elog.get(ada[2])]
+        for kw, field in [
+            ({"status": "deleted"}, "status"),
+            ({"status": None}, "status"),
+            ({"limit": -1}, "limit"),
+            ({"limit": True}, "limit"),
+            ({"limit": 2.5}, "limit"),
+            ({"offset": -1}, "offset"),
+            ({"offset": None}, "offset"),
+            ({"subject": 5}, "subject"),
+        ]:
+            with pytest.raises(InvalidRequestError) as info:
+                elog.query(**kw)  # type: ignore[arg-type]
+            assert info.value.field == field
+            assert field in str(info.value) and repr(next(iter(kw.values()))) in str(info.value)
+    finally:
+        elog.close()
+    mem = EditMemory.open(tmp_path / "idx", url=sql_url, embedder=HashingEmbedder())
+    try:  # the memory's query is the log's
+        assert mem.query(subject="Ada", status="all") == (3, [mem.get(i) for i in ada])
+        with pytest.raises(InvalidRequestError, match="limit"):
+            mem.query(limit=-5)
+    finally:
+        mem.close()
+
+
+def _plan(elog: EditLog, **kw: object) -> str:
+    """The query plan of the page statement `query` runs (captured as it is sent)."""
+    sent: list[tuple[str, object]] = []
+
+    def capture(conn: object, cursor: object, statement: str, params: object, *a: object) -> None:
+        if "ORDER BY" in statement.upper():
+            sent.append((statement, params))
+
+    sa.event.listen(elog.engine, "before_cursor_execute", capture)
+    try:
+        elog.query(**kw)  # type: ignore[arg-type]
+    finally:
+        sa.event.remove(elog.engine, "before_cursor_execute", capture)
+    [(statement, params)] = sent
+    with elog.engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        cur = raw.cursor()
+        if elog.engine.dialect.name == "sqlite":
+            cur.execute(f"EXPLAIN QUERY PLAN {statement}", params)
+        else:  # only a bitmap scan of an index on the filter can beat a (disabled) seq scan
+            cur.execute("SET enable_seqscan = off")
+            cur.execute("SET enable_indexscan = off")
+            cur.execute(f"EXPLAIN {statement}", params)
+        plan = "\n".join(str(row) for row in cur.fetchall())
+        cur.close()
+    return plan
+
+
+def test_subject_filter_uses_the_subject_index(sql_url: str) -> None:
+    elog = EditLog(sql_url)
+    try:
+        _insert(elog, [_subject_req(i, f"S{i % 7}") for i in range(50)])
+        assert elog.subject_indexed
+        assert SUBJECT_INDEX in _plan(elog, subject="S3", limit=10)
+        assert SUBJECT_INDEX not in _plan(elog, limit=10)
+    finally:
+        elog.close()
+
+
+def test_a_log_from_before_the_subject_index_opens_and_gets_it(sql_url: str) -> None:
+    elog = EditLog(sql_url)
+    try:
+        ids = _insert(elog, [_subject_req(i, "Ada") for i in range(3)])
+        with elog.engine.begin() as conn:  # as a log written by an earlier memedit
+            conn.execute(sa.text(f"DROP INDEX {SUBJECT_INDEX}"))
+            version = elog._meta_get(conn, "schema_version")
+        generation = elog.generation()
+    finally:
+        elog.close()
+    again = EditLog(sql_url)
+    try:
+        assert again.subject_indexed
+        assert SUBJECT_INDEX in _plan(again, subject="Ada")
+        assert again.query(subject="Ada") == (3, [again.get(i) for i in ids])
+        assert again.meta_value("schema_version") == version  # no migration, no new version
+        assert again.generation() == generation
+    finally:
+        again.close()
+
+
+def test_a_log_where_the_index_cannot_be_made_still_opens(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    elog = EditLog(url)
+    try:
+        ids = _insert(elog, [_subject_req(i, "Ada") for i in range(2)])
+        with elog.engine.begin() as conn:  # the index's name taken: creating it must fail
+            conn.execute(sa.text(f"DROP INDEX {SUBJECT_INDEX}"))
+            conn.execute(sa.text(f"CREATE TABLE {SUBJECT_INDEX} (x INTEGER)"))
+    finally:
+        elog.close()
+    again = EditLog(url)
+    try:
+        assert not again.subject_indexed
+        assert again.query(subject="Ada") == (2, [again.get(i) for i in ids])  # by a scan
+        assert SUBJECT_INDEX not in _plan(again, subject="Ada")
+    finally:
+        again.close()
