@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from memedit.counterfactual import CounterfactualPath
     from memedit.intrinsic import KeyStatistics, WeightDelta
     from memedit.scope import ScopeClassifier
+    from memedit.stores.log import EditPage
     from memedit.stores.memory import EditMemory
 
 log = logging.getLogger(__name__)
@@ -420,6 +421,18 @@ class EditableModel:
     def edits(self, *, include_rolled_back: bool = False) -> list[EditRecord]:
         """The applied edits (active only, unless asked)."""
         return self.memory.list(include_rolled_back=include_rolled_back)
+
+    def query(
+        self,
+        *,
+        status: str = "active",
+        subject: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> EditPage:
+        """One page of the applied edits, filtered in the edit log's database
+        (`EditMemory.query`): ``(total, records)``."""
+        return self.memory.query(status=status, subject=subject, limit=limit, offset=offset)
 
     # ------------------------------------------------------------------ routing
     @property

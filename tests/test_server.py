@@ -205,3 +205,44 @@ def test_two_servers_share_a_postgres_log(tmp_path: Path) -> None:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         engine.dispose()
+
+
+def _put(c: Any, subject: str, n: int) -> int:
+    edit = {"prompt": f"The colour of {subject} number {n} is", "target_new": f"c{n}"}
+    r = c.post("/v1/edits", json={**edit, "subject": subject}, headers=_auth())
+    assert r.status_code == 201, r.text
+    return int(r.json()["id"])
+
+
+def test_list_edits_filters_and_pages_in_the_log(base: str) -> None:
+    with httpx.Client(base_url=base) as c:
+        ids = [_put(c, "Ada" if i % 2 else "Bob", i) for i in range(7)]
+        ada = [i for n, i in enumerate(ids) if n % 2]
+        c.post(f"/v1/edits/{ada[0]}/rollback", headers=_auth()).raise_for_status()
+
+        def page(**params: Any) -> tuple[int, list[int]]:
+            r = c.get("/v1/edits", params=params)
+            assert r.status_code == 200, r.text
+            return r.json()["total"], [d["id"] for d in r.json()["data"]]
+
+        assert page() == (6, [i for i in ids if i != ada[0]])
+        assert page(subject="Ada") == (2, ada[1:])
+        assert page(subject="Ada", status="all") == (3, ada)
+        assert page(subject="Ada", status="rolled_back") == (1, ada[:1])
+        assert page(subject="Nobody") == (0, [])
+        assert page(subject="") == page()  # an empty subject filters nothing, as before
+        assert page(status="all", limit=2, offset=1) == (7, ids[1:3])  # total is all matches
+        assert page(status="all", offset=7) == (7, [])  # past the end: an empty page
+        assert page(status="all", limit=0) == (7, [])
+        for params, param in [
+            ({"status": "gone"}, "status"),
+            ({"limit": -1}, "limit"),
+            ({"limit": 1001}, "limit"),
+            ({"offset": -3}, "offset"),
+        ]:
+            r = c.get("/v1/edits", params=params)
+            assert r.status_code == 422, (params, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and str(next(iter(params.values()))) in err["message"]
+        r = c.get("/v1/edits", params={"limit": "many"})
+        assert r.status_code == 422 and "limit" in r.json()["error"]["param"]
