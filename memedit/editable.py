@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memedit.errors import InvalidRequestError, MemeditError
-from memedit.generation import chat_text, check_messages, greedy_generate
+from memedit.generation import (
+    GreedyStream,
+    LockLike,
+    chat_text,
+    check_messages,
+    greedy_generate,
+)
 from memedit.types import STRATEGIES, Answer, EditRecord, EditRequest, Hit, ScopeDecision
 
 if TYPE_CHECKING:
@@ -620,6 +626,46 @@ class EditableModel:
                 self.model, self.tokenizer, text, max_new_tokens=n, add_special_tokens=False
             )
         return Answer(text=out.strip(), decision=decision, prompt=text)
+
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int | None = None,
+        decision: ScopeDecision | None = None,
+        stop: Sequence[str] | None = None,
+        lock: LockLike | None = None,
+    ) -> GreedyStream:
+        """`chat` handed out as it is generated (local models only): iterate the returned
+        stream for text deltas that add up to `chat`'s answer, cut at the first of `stop`
+        (as `cut_at_stop` cuts it). The scope decision is taken once, now (or passed in), and
+        kept as the stream's ``decision``. Generation starts at the first ``next`` and holds
+        `lock` (a `threading.Lock`, e.g. a server's model lock) while it runs; close a stream
+        that is not read to its end (`GreedyStream`)."""
+        self._need_local("streaming")
+        assert self.tokenizer is not None and self.counterfactual is not None
+        assert self.model is not None
+        msgs = check_messages(messages)
+        if decision is None:
+            decision = self.route(msgs[-1]["content"])
+        edits = self.used_requests(decision)
+        if edits:  # the same input as chat's
+            text = self.counterfactual.build_chat_input(msgs, edits, self.tokenizer)
+        else:
+            text = chat_text(self.tokenizer, msgs)
+        stream = GreedyStream(
+            self.model,
+            self.tokenizer,
+            text,
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            add_special_tokens=False,
+            strip=True,
+            stop=stop,
+            context=lambda: self.activated(decision),
+            lock=lock,
+        )
+        stream.decision = decision
+        return stream
 
     def context_messages(
         self, messages: Sequence[Mapping[str, str]], *, decision: ScopeDecision | None = None

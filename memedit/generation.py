@@ -5,14 +5,25 @@ Device and dtype come from the model; nothing here loads a model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import asyncio
+import contextlib
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Protocol
 
 from memedit.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from memedit.types import ScopeDecision
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 
@@ -186,3 +197,269 @@ def batch_generate(
                 new = new[: new.index(eos)]
             out[i] = str(tokenizer.decode(new, skip_special_tokens=True))
     return out
+
+
+class LockLike(Protocol):
+    """What `GreedyStream` needs of a lock (`threading.Lock` has it)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+_END = object()  # the generation thread is done (lock released, context left)
+
+
+class GreedyStream:
+    """The greedy continuation of `text`, handed out as text deltas while it is generated:
+    iterate it (``for`` or ``async for``, not both). The deltas add up to exactly what
+    :func:`greedy_generate` returns for the same arguments (``strip``: with the surrounding
+    whitespace removed), cut at the first of the ``stop`` sequences as :func:`cut_at_stop`
+    cuts it; the generation itself is ``model.generate``'s, token for token.
+
+    The first ``next`` starts the generation in a thread of its own, which holds ``lock``
+    (e.g. a server's model lock) and runs inside ``context()`` (e.g. an edit's hooks) for the
+    generation's whole duration; both are released before the iteration ends, whether the
+    answer is complete, a stop sequence was met or `cancel` / `close` was called (generation
+    then stops after the token in progress). Close a stream that is not read to its end.
+
+    Text is handed out once no later token can change it: a partial UTF-8 character,
+    trailing whitespace (with ``strip``) or a possible start of a stop sequence waits for the
+    tokens that settle it.
+    ``decision`` is set by `EditableModel.chat_stream` (the scope decision behind it).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        text: str,
+        *,
+        max_new_tokens: int = 32,
+        add_special_tokens: bool = True,
+        strip: bool = False,
+        stop: Sequence[str] | None = None,
+        context: Callable[[], AbstractContextManager[Any]] | None = None,
+        lock: LockLike | None = None,
+    ) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            msg = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
+            raise InvalidRequestError(msg, field="max_new_tokens", value=max_new_tokens)
+        if max_new_tokens < 1:
+            msg = f"max_new_tokens must be at least 1, got {max_new_tokens}"
+            raise InvalidRequestError(msg, field="max_new_tokens", value=max_new_tokens)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = text
+        self.max_new_tokens = max_new_tokens
+        self.add_special_tokens = add_special_tokens
+        self.strip = strip
+        self.stops = [s for s in stop or () if s]
+        self.context = context
+        self.lock = lock
+        self.decision: ScopeDecision | None = None
+        self.text = ""  # handed out so far
+        self._ids: list[int] = []
+        self._cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._aqueue: asyncio.Queue[Any] | None = None
+        self._final = False  # the text is complete (the thread may still be finishing)
+        self._done = False  # the thread is done
+        self._warned = False
+
+    # ------------------------------------------------------------------ generation thread
+    def _start(self, put: Callable[[Any], None]) -> None:
+        def run() -> None:
+            try:
+                self._generate(put)
+            except BaseException as exc:  # handed to the reader, raised there
+                put(exc)
+            else:
+                put(_END)
+
+        self._thread = threading.Thread(target=run, name="memedit-stream", daemon=True)
+        self._thread.start()
+
+    def _generate(self, put: Callable[[Any], None]) -> None:
+        if self.lock is not None:
+            while not self.lock.acquire(timeout=0.05):
+                if self._cancel.is_set():
+                    return
+        try:
+            if self._cancel.is_set():
+                return
+            with self.context() if self.context is not None else nullcontext():
+                self._run_generate(put)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run_generate(self, put: Callable[[Any], None]) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        cancel = self._cancel
+
+        class _Tokens(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:  # generate hands over the prompt first
+                    self.prompt_seen = True
+                    return
+                put([int(i) for i in value.reshape(-1).tolist()])
+
+            def end(self) -> None:
+                pass
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+                return torch.full(
+                    (input_ids.shape[0],),
+                    cancel.is_set(),
+                    dtype=torch.bool,
+                    device=input_ids.device,
+                )
+
+        tok = self.tokenizer
+        enc = tok(self.prompt, return_tensors="pt", add_special_tokens=self.add_special_tokens)
+        enc = {k: v.to(model_device(self.model)) for k, v in enc.items()}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.inference_mode():  # the same call as greedy_generate's, plus the two hooks
+            self.model.generate(  # type: ignore[operator]
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                streamer=_Tokens(),
+                stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+            )
+
+    # ------------------------------------------------------------------ text
+    def _visible(self) -> str:
+        text = str(self.tokenizer.decode(self._ids, skip_special_tokens=True))
+        return text.lstrip() if self.strip else text
+
+    def _take(self, item: Any) -> str:
+        """The delta an item from the generation thread makes ready (may be empty)."""
+        if item is _END:
+            self._done = True
+            return "" if self._final else self._hand_out(self._answer(), final=True)
+        if isinstance(item, BaseException):
+            self._done = self._final = True
+            raise item
+        if self._final:  # tokens generated after a stop sequence was met
+            return ""
+        self._ids.extend(item)
+        text = self._visible()
+        # what no later token can change: not a character whose bytes are still coming, nor
+        # (stripped) whitespace that counts only if more text follows
+        core = re.sub(r"[\s\ufffd]+\Z" if self.strip else r"\ufffd+\Z", "", text)
+        hit, clear = _settled_stop(core, self.stops)
+        if hit is not None:
+            self.cancel()
+            return self._hand_out(core[:hit], final=True)
+        ready = len(core)
+        if self._cleanup:  # decode may still drop the space before the last word
+            last = max(core.rfind(c) for c in " \t\n\r")
+            ready = last if last >= 0 else ready
+        return self._hand_out(text[: min(ready, clear)], final=False)
+
+    def _answer(self) -> str:
+        text = self._visible()
+        return cut_at_stop(text.strip() if self.strip else text, self.stops)
+
+    def _hand_out(self, upto: str, *, final: bool) -> str:
+        self._final = self._final or final
+        if not upto.startswith(self.text):
+            if not self._warned:
+                log.warning(
+                    "streamed text %r is no longer a prefix of the decoded answer %r: the "
+                    "tokenizer's decoding changed earlier text",
+                    self.text,
+                    upto,
+                )
+                self._warned = True
+            return ""
+        delta = upto[len(self.text) :]
+        self.text = upto
+        return delta
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> GreedyStream:
+        return self
+
+    def __next__(self) -> str:
+        if self._thread is None and not self._done:
+            self._start(self._queue.put)
+        while not self._done:
+            delta = self._take(self._queue.get())
+            if delta:
+                return delta
+        raise StopIteration
+
+    def __aiter__(self) -> GreedyStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._aqueue is None and not self._done:
+            loop = asyncio.get_running_loop()
+            aqueue: asyncio.Queue[Any] = asyncio.Queue()
+            self._aqueue = aqueue
+
+            def put(item: Any) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads
+                    loop.call_soon_threadsafe(aqueue.put_nowait, item)
+
+            self._start(put)
+        while not self._done:
+            assert self._aqueue is not None
+            delta = self._take(await self._aqueue.get())
+            if delta:
+                return delta
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        """Stop the generation after the token in progress (from any thread, without
+        waiting); the lock is released when it has stopped."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        """`cancel`, and wait until the generation has stopped and released the lock."""
+        self.cancel()
+        if self._thread is None:
+            self._done = True
+        elif self._aqueue is None:
+            while not self._done:  # what is left in the queue, up to the thread's last word
+                item = self._queue.get()
+                self._done = item is _END or isinstance(item, BaseException)
+        else:
+            self._thread.join()
+            self._done = True
+
+    def __enter__(self) -> GreedyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _settled_stop(core: str, stops: Sequence[str]) -> tuple[int | None, int]:
+    """Stop sequences in a streamed answer that begins with `core` (whatever follows is
+    unknown): where the answer is cut, if that is certain already (the earliest match in
+    `core`, and no stop could still match from before it), else None; and how much of `core`
+    lies before any place a stop could still match from."""
+    found = [i for i in (core.find(s) for s in stops) if i >= 0]
+    clear = len(core)
+    for s in stops:
+        for j in range(max(0, len(core) - len(s) + 1), len(core)):
+            if s.startswith(core[j:]):  # the end of core may begin this stop
+                clear = min(clear, j)
+                break
+    hit = min(found) if found else None
+    if hit is not None and hit <= clear:
+        return hit, hit
+    return None, clear
