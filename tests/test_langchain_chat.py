@@ -4,6 +4,7 @@ both of its forms, on the real default model: around the local SmolLM2 of an
 talking to a `memedit serve` of the bare default model on loopback) as a black box. The
 features neither form has (tool calling, structured output, JSON mode, multimodal inputs,
 usage metadata, a per-call model override) are switched off through the suite's properties.
+The local form streams token by token (`EditableModel.chat_stream`).
 """
 
 from __future__ import annotations
@@ -183,3 +184,12 @@ def test_local_model_answers_as_the_editable_model(local_em: EditableModel) -> N
     assert reply.response_metadata["memedit"]["used_edit_ids"] == [1]
     cut = chat.invoke([HumanMessage(IN_SCOPE)], stop=["Berlin"])
     assert cut.text == expected.text[: expected.text.index("Berlin")]
+    # streamed as SmolLM2 generates it: several chunks, the same answer, the decision first
+    tokens = Tokens()
+    streamed = list(chat.stream([HumanMessage(IN_SCOPE)], config={"callbacks": [tokens]}))
+    assert len([c for c in streamed if c.text]) > 1
+    assert "".join(c.text for c in streamed) == expected.text == "".join(tokens.seen)
+    assert streamed[0].response_metadata["memedit"]["used_edit_ids"] == [1]
+    assert streamed[-1].chunk_position == "last"
+    cut_stream = chat.stream([HumanMessage(IN_SCOPE)], stop=["Berlin"])
+    assert "".join(c.text for c in cut_stream) == cut.text

@@ -100,9 +100,10 @@ def test_batch_and_stream(base: str) -> None:
             lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
         chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
-        text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
-        assert "Berlin" in text
-        assert chunks[-1]["memedit"]["in_scope"] is True
+        pieces = [ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]]
+        assert "Berlin" in "".join(pieces)
+        # the decision closes the stream in a chunk of its own, as the proxy sends it
+        assert chunks[-1]["choices"] == [] and chunks[-1]["memedit"]["in_scope"] is True
 
 
 @pytest.mark.parametrize(
@@ -246,3 +247,105 @@ def test_list_edits_filters_and_pages_in_the_log(base: str) -> None:
             assert err["param"] == param and str(next(iter(params.values()))) in err["message"]
         r = c.get("/v1/edits", params={"limit": "many"})
         assert r.status_code == 422 and "limit" in r.json()["error"]["param"]
+
+
+class Slow:
+    """A forward pre-hook that counts the model's passes and makes each take `delay` s."""
+
+    def __init__(self, model: Any, delay: float = 0.0) -> None:
+        self.n = 0
+        self.delay = delay
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any) -> None:
+        self.n += 1
+        if self.delay:
+            threading.Event().wait(self.delay)
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[tuple[str, EditableModel]]:
+    """A server of a tiny random local model (its answers never end early)."""
+    from .test_editable import MarkerPath
+    from .tiny import tiny_llama
+
+    model, tok = tiny_llama()
+    model.generation_config.eos_token_id = None
+    mem = EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder())
+    em = EditableModel(model, tok, memory=mem, scope=OverlapScope(), counterfactual=MarkerPath())
+    app = create_app(em, api_keys=[KEY])
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.02)
+    yield f"http://127.0.0.1:{port}", em
+    server.should_exit = True
+    thread.join()
+    em.close()
+
+
+def _sse(c: Any, body: dict[str, Any]) -> list[Any]:
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def test_local_model_streams_token_by_token(local: tuple[str, EditableModel]) -> None:
+    base, _ = local
+    with httpx.Client(base_url=base, timeout=60) as c:
+        eid = c.post("/v1/edits", json=EDIT, headers=_auth()).json()["id"]
+        for query, cut in [
+            ("Where did Leo Arons die?", False),
+            ("What is the capital of France?", False),
+            ("Where did Leo Arons die?", True),
+        ]:
+            body: dict[str, Any] = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": query}],
+                "max_tokens": 24,
+            }
+            whole = c.post("/v1/chat/completions", json=body).json()
+            text = whole["choices"][0]["message"]["content"]
+            if cut:  # stop at a word of the answer: the cut answers must match too
+                body["stop"] = [text[5:7]]
+                whole = c.post("/v1/chat/completions", json=body).json()
+                text = whole["choices"][0]["message"]["content"]
+            chunks = _sse(c, body)
+            # OpenAI's shape: role first, content deltas, the finish reason, then (as the
+            # proxy does) a chunk with the decision and no choices
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+            assert chunks[-1]["choices"] == [] and chunks[-1]["memedit"] == whole["memedit"]
+            assert {ch["id"] for ch in chunks} == {chunks[0]["id"]}
+            assert all(ch["model"] == "tiny" for ch in chunks)
+            deltas = [ch["choices"][0]["delta"]["content"] for ch in chunks[1:-2]]
+            assert all(deltas) and (cut or len(deltas) > 1)
+            assert "".join(deltas) == text  # exactly the unstreamed answer
+        assert whole["memedit"]["used_edit_ids"] == [eid]
+
+
+def test_a_client_leaving_mid_stream_stops_the_generation(
+    local: tuple[str, EditableModel],
+) -> None:
+    base, em = local
+    assert em.model is not None
+    slow = Slow(em.model, delay=0.02)  # 200 tokens take 4 s or more
+    try:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200}
+            with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                for line in r.iter_lines():
+                    chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
+                    if chunk and chunk["choices"][0]["delta"].get("content"):
+                        break  # the first content delta: now hang up
+            # a chat waits for the model lock: it is answered once the stream's generation
+            # has stopped, well short of its 200 tokens
+            r = c.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+            assert r.status_code == 200
+        assert slow.n < 100
+    finally:
+        slow.handle.remove()

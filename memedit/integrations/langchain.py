@@ -5,8 +5,8 @@
 * `ChatMemedit` is a chat model that answers with the edits applied: around any LangChain
   chat model (``llm=``, a black box: the memory strategy, edits stated in a system message
   when the last human message is in scope, streaming when it streams), or the
-  `EditableModel`'s own local model (every strategy it holds). Each answer carries the scope
-  decision in ``response_metadata["memedit"]``.
+  `EditableModel`'s own local model (every strategy it holds; streamed token by token). Each
+  answer carries the scope decision in ``response_metadata["memedit"]``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pydantic import ConfigDict, Field
 
 from memedit.editable import EditableModel, fact_context
 from memedit.errors import InvalidRequestError
-from memedit.generation import cut_at_stop
+from memedit.generation import GreedyStream, cut_at_stop
 from memedit.types import ScopeDecision
 
 
@@ -99,8 +99,10 @@ class ChatMemedit(BaseChatModel):
     go to ``llm`` unchanged, in scope with the edits it is about stated in a system message.
     ``stream``/``astream`` stream when ``llm`` does. Without ``llm``, `editable`'s local model
     answers (``EditableModel.chat``: the counterfactual path in scope, the model with its
-    in-weight edits otherwise), greedily, in one chunk when streamed. (LangChain's own
-    ``stream`` reports each chunk to the callbacks.)
+    in-weight edits otherwise), greedily; streamed, as it is generated
+    (``EditableModel.chat_stream``: the same answer, the decision taken once up front). The
+    decision rides on the first chunk of a stream. (LangChain's own ``stream`` reports each
+    chunk to the callbacks.)
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -174,6 +176,25 @@ class ChatMemedit(BaseChatModel):
         meta = {"memedit": answer.decision.to_dict(), "model_name": self._name()}
         return AIMessage(content=text, response_metadata=meta)
 
+    def _local_stream(
+        self, messages: list[BaseMessage], stop: list[str] | None, n: Any
+    ) -> GreedyStream:
+        """The local model's answer as a stream: routed now, generated (holding the same
+        lock) as it is read."""
+        em = self.editable
+        lock = _lock(em)
+        with lock:  # routing; the generation takes the lock itself when it starts
+            return em.chat_stream(
+                _as_dicts(messages),
+                max_new_tokens=n or self.max_tokens,
+                stop=stop or self.stop,
+                lock=lock,
+            )
+
+    def _meta(self, stream: GreedyStream) -> dict[str, Any]:
+        assert stream.decision is not None
+        return {"memedit": stream.decision.to_dict(), "model_name": self._name()}
+
     # ------------------------------------------------------------------ LangChain API
     def _generate(
         self,
@@ -212,13 +233,11 @@ class ChatMemedit(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         if self.llm is None:
-            message = self._local(messages, stop, kwargs.get("max_tokens"))
-            chunk = AIMessageChunk(
-                content=message.text,
-                response_metadata=message.response_metadata,
-                chunk_position="last",
-            )
-            yield ChatGenerationChunk(message=chunk)
+            stream = self._local_stream(messages, stop, kwargs.get("max_tokens"))
+            try:
+                yield from _local_chunks(stream, self._meta(stream))
+            finally:
+                stream.close()
             return
         sent, decision = self._routed(messages)
         first = True
@@ -237,13 +256,13 @@ class ChatMemedit(BaseChatModel):
         import asyncio
 
         if self.llm is None:
-            message = await asyncio.to_thread(self._local, messages, stop, kwargs.get("max_tokens"))
-            chunk = AIMessageChunk(
-                content=message.text,
-                response_metadata=message.response_metadata,
-                chunk_position="last",
-            )
-            yield ChatGenerationChunk(message=chunk)
+            n = kwargs.get("max_tokens")
+            stream = await asyncio.to_thread(self._local_stream, messages, stop, n)
+            try:
+                async for out in _alocal_chunks(stream, self._meta(stream)):
+                    yield out
+            finally:
+                stream.cancel()  # stops a generation nobody reads; it releases the lock
             return
         sent, decision = await asyncio.to_thread(self._routed, messages)
         first = True
@@ -251,6 +270,40 @@ class ChatMemedit(BaseChatModel):
             chunk = _chunk(piece, decision if first else None)
             first = False
             yield ChatGenerationChunk(message=chunk)
+
+
+def _local_chunk(text: str, meta: dict[str, Any] | None, *, last: bool) -> ChatGenerationChunk:
+    chunk = AIMessageChunk(
+        content=text, response_metadata=meta or {}, chunk_position="last" if last else None
+    )
+    return ChatGenerationChunk(message=chunk)
+
+
+def _local_chunks(pieces: Iterator[str], meta: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+    """A local stream's pieces as chunks: the decision on the first, the last one marked
+    (at least one chunk, if empty)."""
+    first: dict[str, Any] | None = meta
+    previous: str | None = None
+    for piece in pieces:  # each piece goes out once the next has come
+        if previous is not None:
+            yield _local_chunk(previous, first, last=False)
+            first = None
+        previous = piece
+    yield _local_chunk(previous or "", first, last=True)
+
+
+async def _alocal_chunks(
+    pieces: AsyncIterator[str], meta: dict[str, Any]
+) -> AsyncIterator[ChatGenerationChunk]:
+    """`_local_chunks` for an async stream."""
+    first: dict[str, Any] | None = meta
+    previous: str | None = None
+    async for piece in pieces:
+        if previous is not None:
+            yield _local_chunk(previous, first, last=False)
+            first = None
+        previous = piece
+    yield _local_chunk(previous or "", first, last=True)
 
 
 def _last_human_text(messages: Sequence[BaseMessage]) -> str:

@@ -37,7 +37,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from memedit.errors import AlreadyRolledBackError, EditNotFoundError, InvalidRequestError
-from memedit.generation import cut_at_stop
+from memedit.generation import GreedyStream, cut_at_stop
 from memedit.integrations import schemas
 from memedit.integrations.upstream import OpenAIUpstream
 
@@ -330,6 +330,32 @@ def create_app(
             routed = (time.perf_counter() - t0) * 1000
             return await forward(upstream.payload(body, sent), decision, stream, routed)
 
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if stream and editable.model is not None:
+            # routed now, under the memory lock; generated token by token in the stream's
+            # own thread, which holds the model lock until it stops (a client that goes away
+            # cancels it, in _sse's finally)
+
+            def route() -> tuple[GreedyStream, ScopeDecision]:
+                with lock:
+                    synced()
+                    decision = editable.route(messages[-1]["content"])
+                gen = editable.chat_stream(
+                    messages,
+                    max_new_tokens=max_tokens,
+                    decision=decision,
+                    stop=stop,
+                    lock=model_lock,
+                )
+                return gen, decision
+
+            generation, d = await anyio.to_thread.run_sync(route)
+            events = _sse(cid, created, name, generation, d, generation.cancel)
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers=decision_headers(d)
+            )
+
         def run() -> Answer:
             with lock:
                 synced()
@@ -340,24 +366,10 @@ def create_app(
         answer = await anyio.to_thread.run_sync(run)
         text = cut_at_stop(answer.text, stop)
         d = answer.decision
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if stream:
-
-            async def events() -> AsyncIterator[bytes]:
-                base = {"id": cid, "object": "chat.completion.chunk", "created": created}
-                base["model"] = name
-                pieces = [{"role": "assistant", "content": ""}, {"content": text}]
-                for delta in pieces:
-                    chunk = {**base, "choices": [{"index": 0, "delta": delta}]}
-                    yield f"data: {json.dumps(chunk)}\n\n".encode()
-                last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                last["memedit"] = d.to_dict()
-                yield f"data: {json.dumps(last)}\n\n".encode()
-                yield b"data: [DONE]\n\n"
-
+        if stream:  # a black-box chat function answers whole: one content chunk
+            events = _sse(cid, created, name, _once(text), d, None)
             return StreamingResponse(
-                events(), media_type="text/event-stream", headers=decision_headers(d)
+                events, media_type="text/event-stream", headers=decision_headers(d)
             )
         content = {
             "id": cid,
@@ -423,6 +435,43 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     return BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
+
+
+async def _sse(
+    cid: str,
+    created: int,
+    name: str,
+    pieces: AsyncIterator[str],
+    d: ScopeDecision,
+    cancel: Callable[[], None] | None,
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunks for an answer given in `pieces`: the role, one chunk per piece,
+    the finish reason; then, as the proxy does, a chunk with the decision before
+    ``[DONE]``. An error mid-stream ends it with an error event."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name}
+
+    def data(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n".encode()
+
+    try:
+        yield data([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+        async for piece in pieces:
+            yield data([{"index": 0, "delta": {"content": piece}}])
+    except Exception as exc:  # the headers are sent: the client learns it in the stream
+        log.exception("chat completion %s failed while streaming", cid)
+        body = {"message": f"generation failed: {exc}", "type": "server_error", "param": None}
+        yield f"data: {json.dumps({'error': body})}\n\n".encode()
+        return
+    finally:
+        if cancel is not None:  # a client that went away stops the generation
+            cancel()
+    yield data([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+    yield data([], memedit=d.to_dict())
+    yield b"data: [DONE]\n\n"
+
+
+async def _once(text: str) -> AsyncIterator[str]:
+    yield text
 
 
 def decision_headers(d: ScopeDecision) -> dict[str, str]:
