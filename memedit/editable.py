@@ -557,11 +557,17 @@ class EditableModel:
         return Answer(text=out, decision=decision, prompt=text)
 
     def generate_batch(
-        self, prompts: Sequence[str], *, max_new_tokens: int | Sequence[int] | None = None
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int | Sequence[int] | None = None,
+        until_answer_line: bool = False,
     ) -> list[Answer]:
         """`generate` for many prompts at once (greedy): each is routed on its own, then the
         out-of-scope and the in-scope ones run as left-padded batches. ``max_new_tokens`` may
-        be one value or one per prompt."""
+        be one value or one per prompt. ``until_answer_line``: each answer stops once the line
+        that `memedit.metrics_generation.answer_matches` judges against its prompt is complete
+        (the text after it is not generated; judging it gives the same verdict)."""
         from memedit.generation import batch_generate
 
         self._need_local("batched generation")
@@ -585,6 +591,7 @@ class EditableModel:
                     [routed[i][0] for i in idx],
                     max_new_tokens=[budgets[i] for i in idx],
                     first_line=in_scope and single,
+                    answer_prompts=[prompts[i] for i in idx] if until_answer_line else None,
                 )
             for i, o in zip(idx, outs, strict=True):
                 texts[i] = o

@@ -98,6 +98,57 @@ def first_line_stop(tokenizer: PreTrainedTokenizerBase, prompt_width: int) -> An
     return _FirstLine()
 
 
+def answer_line_complete(text: str, prompt: str | None) -> bool:
+    """Whether generated ``text`` already holds the whole line that
+    `memedit.metrics_generation.answer_matches` judges: after a leading repeat of ``prompt``
+    (also while that repeat may still be under way), a line break after some non-blank text.
+    More tokens cannot change that line, nor the plain first line (it is complete too)."""
+    text = text.lstrip()
+    head = prompt.strip() if prompt else ""
+    if head:
+        if text.startswith(head):
+            text = text[len(head) :]
+        elif head.startswith(text):  # the prompt may be being repeated: not decided yet
+            return False
+    return "\n" in text.lstrip()
+
+
+def rows_stop(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_width: int,
+    budgets: Sequence[int],
+    *,
+    first_line: bool = False,
+    answer_prompts: Sequence[str] | None = None,
+) -> Any:
+    """A transformers stopping criterion for a left-padded batch: row ``i`` is done once it
+    has ``budgets[i]`` new tokens, or (``first_line``) its new text holds a line break after
+    some non-blank text, or (``answer_prompts``) `answer_line_complete` holds for it with
+    ``answer_prompts[i]``. The batch ends when every row is done (or at end-of-sequence)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    if answer_prompts is not None and len(answer_prompts) != len(budgets):
+        msg = f"{len(budgets)} rows but {len(answer_prompts)} answer prompts"
+        raise InvalidRequestError(msg, field="answer_prompts", value=len(answer_prompts))
+
+    class _Rows(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = []
+            for i, row in enumerate(input_ids[:, prompt_width:].tolist()):
+                if len(row) >= budgets[i]:
+                    done.append(True)
+                    continue
+                text = str(tokenizer.decode(row, skip_special_tokens=True))
+                stop = first_line and "\n" in text.lstrip()
+                if not stop and answer_prompts is not None:
+                    stop = answer_line_complete(text, answer_prompts[i])
+                done.append(stop)
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return _Rows()
+
+
 def greedy_generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -151,13 +202,18 @@ def batch_generate(
     add_special_tokens: bool = True,
     batch_size: int = 16,
     first_line: bool = False,
+    answer_prompts: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy continuations of several texts, left-padded into batches (only the new tokens,
     decoded). ``max_new_tokens`` may differ per text: each batch runs to its longest budget
     and every text keeps its own first tokens (greedy decoding is causal, so they are the same
     as a run stopped at that budget). ``first_line``: a row stops once its first line is
-    complete (for callers that keep only that line). Padding can move a float by an ulp, so a
-    rare near-tie may resolve differently from :func:`greedy_generate` on the text alone."""
+    complete (for callers that keep only that line). ``answer_prompts`` (one per text): a row
+    stops once the line that `memedit.metrics_generation.answer_matches` reads with that
+    prompt is complete (for callers that judge only that line; the rest of the text is cut
+    short). A batch stops once all its rows are done, each at its own budget at the latest.
+    Padding can move a float by an ulp, so a rare near-tie may resolve differently from
+    :func:`greedy_generate` on the text alone."""
     import torch
 
     budgets = (
@@ -166,6 +222,9 @@ def batch_generate(
     if len(budgets) != len(texts) or any(not isinstance(b, int) or b < 1 for b in budgets):
         msg = f"max_new_tokens must be a positive integer or one per text, got {max_new_tokens!r}"
         raise InvalidRequestError(msg, field="max_new_tokens", value=max_new_tokens)
+    if answer_prompts is not None and len(answer_prompts) != len(texts):
+        msg = f"{len(texts)} texts but {len(answer_prompts)} answer prompts"
+        raise InvalidRequestError(msg, field="answer_prompts", value=len(answer_prompts))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     out: list[str] = [""] * len(texts)
@@ -189,7 +248,17 @@ def batch_generate(
                 max_new_tokens=max(budgets[i] for i in idx),
                 do_sample=False,
                 pad_token_id=pad,
-                stopping_criteria=[first_line_stop(tokenizer, width)] if first_line else None,
+                stopping_criteria=[
+                    rows_stop(
+                        tokenizer,
+                        width,
+                        [budgets[i] for i in idx],
+                        first_line=first_line,
+                        answer_prompts=None
+                        if answer_prompts is None
+                        else [answer_prompts[i] for i in idx],
+                    )
+                ],
             )
         for j, i in enumerate(idx):
             new = gen[j, width : width + budgets[i]].tolist()

@@ -102,3 +102,42 @@ def test_generation_can_run_past_the_end_of_sequence_token() -> None:
     assert stopped == ""  # ended at once
     # five more tokens follow the end-of-sequence token (which is not decoded)
     assert full and full == greedy_generate(model, tok, "The sky is</s>", max_new_tokens=5)
+
+
+def test_answer_line_complete_follows_the_judged_line() -> None:
+    from memedit.generation import answer_line_complete
+    from memedit.metrics_generation import answer_matches
+
+    prompt = "The capital of France is"
+    assert not answer_line_complete(" Paris", prompt)  # the line may go on
+    assert answer_line_complete(" Paris.\nIt is", prompt)
+    assert not answer_line_complete("\n\n Paris", prompt)  # blank lines first: not yet
+    assert not answer_line_complete(" The capital of Fr", prompt)  # repeating the prompt
+    assert not answer_line_complete(" The capital of France is\n", prompt)
+    assert answer_line_complete(" The capital of France is\nParis\n", prompt)
+    # once complete, more text does not change the verdict answer_matches reads
+    for text in (" Paris.\n", " The capital of France is\nParis\n", "\n Lyon\n"):
+        assert answer_line_complete(text, prompt)
+        for extra in ("Berlin", "\nParis", " Paris"):
+            assert answer_matches(text, "Paris", prompt=prompt) == answer_matches(
+                text + extra, "Paris", prompt=prompt
+            )
+
+
+def test_rows_stop_per_row_at_budget_or_judged_line() -> None:
+    from memedit.generation import rows_stop
+
+    _, tok = tiny_llama()
+    prompt = tok("Q: where?", add_special_tokens=False)["input_ids"]
+    texts = [" Paris.\nmore", " Paris", " Paris"]
+    rows = [prompt + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])[:, : len(rows[1])]
+    n_new = len(rows[1]) - len(prompt)
+    crit = rows_stop(
+        tok, len(prompt), [99, 99, n_new], answer_prompts=["Q: where?"] * 3, first_line=False
+    )
+    done = crit(ids, None).tolist()
+    # row 0 holds "Paris." + line break within its first n_new tokens only if tokenised so
+    first = str(tok.decode(ids[0, len(prompt) :].tolist(), skip_special_tokens=True))
+    assert done == ["\n" in first.lstrip(), False, True]

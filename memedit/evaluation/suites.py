@@ -98,11 +98,15 @@ def _generate_all(
     em: EditableModel, asks: Sequence[tuple[str, Sequence[str]]], opts: EvalOptions
 ) -> list[str]:
     """Greedy answers to (prompt, expected answers) pairs, each given enough new tokens for
-    its longest answer plus a margin; batched."""
+    its longest answer plus a margin; batched. Each stops once its judged line is complete
+    (callers read only the first line, with `answer_matches` or `_first_line`)."""
     if not asks:
         return []
     budgets = [_gen_tokens(em, a, opts) for _, a in asks]
-    return [a.text for a in em.generate_batch([p for p, _ in asks], max_new_tokens=budgets)]
+    answers = em.generate_batch(
+        [p for p, _ in asks], max_new_tokens=budgets, until_answer_line=True
+    )
+    return [a.text for a in answers]
 
 
 def fluency_of(em: EditableModel, prompt: str, opts: EvalOptions) -> float:
