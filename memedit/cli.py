@@ -207,6 +207,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
         samples=args.samples,
         progress=not args.quiet,
         workers=args.workers,
+        sources=[x.strip() for x in args.facts.split(",") if x.strip()],
     )
     rec = doc["recommendation"]
     _out(
@@ -386,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     loc = sub.add_parser("locate", help="causal tracing: where the model stores facts")
     loc.add_argument("--model", default=None, help="catalogue name, directory or hub id")
     loc.add_argument("--n", type=int, default=200, help="known facts to trace")
+    loc.add_argument(
+        "--facts",
+        default="known_1000,counterfact",
+        help="fact sources in order: known_1000 (the ROME paper's) and/or counterfact (the true "
+        "facts of ROME's CounterFact split); only the ones the model answers are traced",
+    )
     loc.add_argument("--out", default="docs/locate", help="heatmaps and effects.json go here")
     loc.add_argument("--samples", type=int, default=3, help="noise draws per fact")
     loc.add_argument("--workers", type=int, default=1, help="processes (one thread each)")

@@ -130,3 +130,49 @@ def test_an_interrupted_run_resumes_only_with_the_same_model_and_settings(tmp_pa
     other = {"model": "smollm2-135m", "config": {"noise": 0.2, "samples": 1}}
     assert _resume(path, other) == {}
     assert _resume(path, other) == {}  # the file now belongs to the other settings
+
+
+def test_fact_sources_keep_order_drop_repeats_and_name_bad_input(tmp_path: Path) -> None:
+    from memedit.locate import FACT_SOURCES, load_counterfact_facts, load_facts, load_known
+
+    known = load_known()
+    facts = load_facts(FACT_SOURCES)
+    assert facts[: len(known)] == [{**f, "source": "known_1000"} for f in known]
+    rest = facts[len(known) :]
+    assert rest and all(f["source"] == "counterfact" for f in rest)
+    assert all(str(f["known_id"]).startswith("counterfact:") for f in rest)
+    keys = [(f["prompt"].strip(), f["attribute"].strip()) for f in facts]
+    assert len(keys) == len(set(keys))
+    assert all(f["subject"] in f["prompt"] for f in rest[:200])
+    with pytest.raises(ValueError, match="fact sources must be among"):
+        load_facts(["known_1000", "wikipedia"])
+    bad = tmp_path / "cf.json"
+    bad.write_text(
+        '[{"case_id": 0, "prompt": "X is in", "subject": "X", "ground_truth": "Y"},'
+        ' {"case_id": 1, "prompt": "Z is in", "subject": "Z"}]',
+        encoding="utf-8",
+    )
+    with pytest.raises(ValueError, match=r"cf.json: record 1 has no 'ground_truth'"):
+        load_counterfact_facts(bad)
+
+
+def test_later_sources_are_examined_only_until_n_facts_are_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import memedit.locate.run as run
+
+    seen: list[int] = []
+
+    def every_other(model: object, tok: object, facts: list[dict[str, object]]) -> list[object]:
+        seen.append(len(facts))
+        return [(dict(f), 0) for f in facts if int(str(f["known_id"]).split(":")[-1]) % 2 == 0]
+
+    monkeypatch.setattr(run, "known_facts", every_other)
+    head = [{"known_id": i, "source": "known_1000"} for i in range(10)]
+    rest = [{"known_id": f"counterfact:{i}", "source": "counterfact"} for i in range(1000)]
+    examined, known = run._examine(None, None, head + rest, n=60, chunk=50)  # type: ignore[arg-type]
+    # all 10 of the first source (5 known), then chunks of 50 (25 known each) until >= 60
+    assert seen == [10, 50, 50, 50]
+    assert len(examined) == 160 and len(known) == 80
+    examined, known = run._examine(None, None, head + rest, n=3, chunk=50)  # type: ignore[arg-type]
+    assert len(examined) == 10 and len(known) == 5  # the first source is always examined whole

@@ -8,9 +8,12 @@ doc["recommendation"]     # {"rome_layer": ..., "memit_layers": [...], ...}
 from __future__ import annotations
 
 from memedit.locate.run import (
+    FACT_SOURCES,
     aggregate,
     embedding_std,
     known_facts,
+    load_counterfact_facts,
+    load_facts,
     load_known,
     recommend,
     run_locate,
@@ -20,6 +23,7 @@ from memedit.locate.run import (
 from memedit.locate.trace import GROUPS, FactTrace, TraceConfig, group_positions, trace_fact
 
 __all__ = [
+    "FACT_SOURCES",
     "GROUPS",
     "FactTrace",
     "TraceConfig",
@@ -27,6 +31,8 @@ __all__ = [
     "embedding_std",
     "group_positions",
     "known_facts",
+    "load_counterfact_facts",
+    "load_facts",
     "load_known",
     "recommend",
     "run_locate",

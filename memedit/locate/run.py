@@ -20,9 +20,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FACT_SOURCES",
     "aggregate",
     "embedding_std",
     "known_facts",
+    "load_counterfact_facts",
+    "load_facts",
     "load_known",
     "recommend",
     "run_locate",
@@ -38,6 +41,59 @@ def load_known(path: Path | None = None) -> list[dict[str, Any]]:
         path = knowedit_dir() / "dev" / "known_1000.json"
     data: list[dict[str, Any]] = json.loads(Path(path).read_text(encoding="utf-8"))
     return data
+
+
+#: where trace facts come from, in this order: the ROME paper's known facts, then the true
+#: facts of ROME's CounterFact split (its ``prompt`` / ``subject`` / ``ground_truth``)
+FACT_SOURCES = ("known_1000", "counterfact")
+
+
+def load_counterfact_facts(path: Path | None = None) -> list[dict[str, Any]]:
+    """The true facts behind CounterFact's requested rewrites, in known_1000's shape
+    (``known_id`` = ``"counterfact:<case_id>"``, ``attribute`` = the ground truth)."""
+    if path is None:
+        from memedit.paths import knowedit_dir
+
+        path = knowedit_dir() / "dev" / "CounterFact.json"
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    facts = []
+    for i, r in enumerate(records):
+        missing = [k for k in ("prompt", "subject", "ground_truth") if not r.get(k)]
+        if missing:
+            from memedit.errors import InvalidRequestError
+
+            msg = f"{path}: record {i} has no {missing[0]!r}"
+            raise InvalidRequestError(msg, field=missing[0], value=i)
+        facts.append(
+            {
+                "known_id": f"counterfact:{r.get('case_id', i)}",
+                "subject": r["subject"],
+                "attribute": str(r["ground_truth"]),
+                "prompt": r["prompt"],
+            }
+        )
+    return facts
+
+
+def load_facts(sources: Sequence[str] = FACT_SOURCES) -> list[dict[str, Any]]:
+    """Candidate facts from ``sources`` (names in `FACT_SOURCES`), in that order; a fact whose
+    prompt and attribute an earlier source already has is dropped."""
+    loaders = {"known_1000": load_known, "counterfact": load_counterfact_facts}
+    unknown = [s for s in sources if s not in loaders]
+    if unknown or not sources:
+        from memedit.errors import InvalidRequestError
+
+        msg = f"fact sources must be among {', '.join(FACT_SOURCES)}, got {list(sources)}"
+        raise InvalidRequestError(msg, field="sources", value=list(sources))
+    seen: set[tuple[str, str]] = set()
+    out: list[dict[str, Any]] = []
+    for name in sources:
+        for fact in loaders[name]():
+            key = (fact["prompt"].strip(), fact["attribute"].strip())
+            if key not in seen:
+                seen.add(key)
+                out.append({**fact, "source": name})
+    return out
 
 
 def _answer_token(tokenizer: Any, attribute: str) -> int:
@@ -83,6 +139,27 @@ def known_facts(
                         known.add(i)
                         answers[i] = answer
     return [(dict(facts[i]), answers[i]) for i in sorted(known)]
+
+
+def _examine(
+    model: nn.Module, tokenizer: Any, facts: Sequence[Mapping[str, Any]], n: int, chunk: int = 256
+) -> tuple[list[Mapping[str, Any]], list[tuple[dict[str, Any], int]]]:
+    """The facts examined and the known ones among them: every fact of the first source (the
+    noise scale comes from them), then later sources chunk by chunk until ``n`` are known (a
+    forward pass per candidate; CounterFact's 6,000 would take a quarter of an hour on one
+    CPU core, and only a few percent of them are known to a small model)."""
+    first = facts[0].get("source") if facts else None
+    head = [f for f in facts if f.get("source") == first]
+    rest = [f for f in facts if f.get("source") != first]
+    examined: list[Mapping[str, Any]] = list(head)
+    known = known_facts(model, tokenizer, head)
+    for lo in range(0, len(rest), chunk):
+        if len(known) >= n:
+            break
+        part = rest[lo : lo + chunk]
+        examined += part
+        known += known_facts(model, tokenizer, part)
+    return examined, known
 
 
 def embedding_std(model: nn.Module, tokenizer: Any, facts: Sequence[Mapping[str, Any]]) -> float:
@@ -174,6 +251,7 @@ def write_heatmaps(
 def _fact_record(fact: Mapping[str, Any], ft: Any) -> dict[str, Any]:
     return {
         "known_id": fact.get("known_id"),
+        "source": fact.get("source"),
         "prompt": fact["prompt"],
         "tokens": ft.tokens,
         "subject": list(ft.subject),
@@ -250,8 +328,10 @@ def run_locate(
     progress: bool = True,
     facts_path: Path | None = None,
     workers: int = 1,
+    sources: Sequence[str] = FACT_SOURCES,
 ) -> dict[str, Any]:
-    """Trace the first ``n`` known facts of ``known_1000.json`` on a catalogue model and write
+    """Trace the first ``n`` facts the model knows, from ``sources`` in order (known_1000
+    first; ``facts_path``: one known_1000-shaped file instead), on a catalogue model and write
     ``effects.json`` and the heatmaps under ``out``. Returns the JSON document.
 
     ``workers > 1`` traces facts in that many processes (one thread each; each loads the
@@ -266,10 +346,15 @@ def run_locate(
     model, tok = load_model(model_name)
     spec = ensure_spec(model)
     count = n_layers(model, spec)
-    facts = load_known(facts_path)
+    candidates = load_known(facts_path) if facts_path is not None else load_facts(sources)
     start = time.perf_counter()
-    known = known_facts(model, tok, facts)
-    logger.info("%d of %d facts are known to the model", len(known), len(facts))
+    facts, known = _examine(model, tok, candidates, n)
+    logger.info("%d of %d facts examined are known to the model", len(known), len(facts))
+    by_source: dict[str, list[int]] = {}
+    for f in facts:
+        by_source.setdefault(str(f.get("source", "file")), [0, 0])[0] += 1
+    for f, _ in known:
+        by_source[str(f.get("source", "file"))][1] += 1
     if n > len(known):
         logger.warning(
             "--n %d asked for more facts than the %d of %d the model knows; tracing %d",
@@ -279,9 +364,11 @@ def run_locate(
             len(known),
         )
     chosen = known[:n]
-    # sigma over every known fact's subject tokens, so that it does not depend on n and a run
-    # with a larger n resumes one with a smaller n
-    sigma = embedding_std(model, tok, [f for f, _ in known])
+    # sigma over the subject tokens of every known fact of the first source (the paper's
+    # known_1000), so that it depends neither on n nor on the sources added after it, and a
+    # run with a larger n or more sources resumes a smaller one
+    first = facts[0].get("source") if facts else None
+    sigma = embedding_std(model, tok, [f for f, _ in known if f.get("source") == first])
     config = TraceConfig(noise=noise_factor * sigma, samples=samples, window=window, seed=seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -330,8 +417,10 @@ def run_locate(
         "model": name,
         "model_type": model.config.model_type,
         "n_layers": count,
+        "facts_available": len(candidates),
         "facts_examined": len(facts),
         "facts_known": len(known),
+        "facts_by_source": {k: {"examined": v[0], "known": v[1]} for k, v in by_source.items()},
         "facts_traced": len(traces),
         "facts_requested": n,
         "workers": workers,
