@@ -4,6 +4,12 @@ Single mode is the KnowEdit protocol: apply one case's edits, score, revert, nex
 revert is checked (weights digest bit for bit, and no edit left active). Sequential mode lets
 T cases accumulate and scores every case edited so far at each checkpoint (the lifelong curve).
 
+A suite may also have ``before_edit(em, case, opts)``: pre-edit state too large to cache with
+`pre` (ConvSent's next-token distributions for its KL), handed to `score` as ``pre["_live"]``.
+Single mode takes it right before each case's edit. Sequential mode takes it for every case it
+will score before the chain of edits starts, on the same unedited model, and spills it to disk
+as it is (see `_LiveSpill`), so every checkpoint compares against the unedited model exactly.
+
 Everything is appended to JSONL as it finishes, so an interrupted run resumes where it stopped:
 finished records (single) and finished checkpoints (sequential) are not recomputed. Records can
 be split across worker processes with torch.multiprocessing (one model per process, a GPU each
@@ -51,7 +57,11 @@ class EvalConfig:
     """One evaluation run. ``sequential`` = T (None: single mode); ``checkpoints`` = the T's at
     which the sequential curve is scored (default: a log-spaced set ending at T);
     ``edit_batch`` (sequential only): records applied together in each edit of the chain (the
-    batched lifelong setting of MEMIT/AlphaEdit; checkpoints are then multiples of it)."""
+    batched lifelong setting of MEMIT/AlphaEdit; checkpoints are then multiples of it);
+    ``sequential_live`` (sequential only): take each scored case's ``before_edit`` state on the
+    unedited model before the chain and keep it on disk for the checkpoints (`_LiveSpill`: for
+    ConvSent about 100 MB per record on SmolLM2, deleted after the dataset); False skips it,
+    and with it the metrics that need it (ConvSent's KL)."""
 
     datasets: tuple[str, ...]
     strategies: tuple[str, ...] = ("memory",)
@@ -65,6 +75,7 @@ class EvalConfig:
     workers: int = 1
     root: str | None = None
     verify_revert: str = "sample"
+    sequential_live: bool = True
     options: EvalOptions = field(default_factory=EvalOptions)
 
     def __post_init__(self) -> None:
@@ -296,6 +307,65 @@ def _pre_states(
     return cached
 
 
+class _LiveSpill:
+    """Sequential mode's ``before_edit`` states: taken on the unedited model before the chain of
+    edits starts (the same model single mode takes them on), written to disk with `torch.save`
+    exactly as the suite returned them (ConvSent's float32 distributions stay float32, so the KL
+    at every checkpoint is the exact one), one file per case, read back one case at a time when
+    it is scored. The directory is emptied when opened and removed by `close`.
+
+    Cost: a disk file per scored case of the state's size (ConvSent on SmolLM2: vocabulary
+    49,152 x ~500 positions x 4 bytes, ~100 MB per record, ~10 GB for T = 100) and one forward
+    pass per case, as in single mode; RAM holds one case at a time. A state of None (the suite
+    has nothing live to give, e.g. a black-box wrapper) is not written and reads back as None.
+    """
+
+    def __init__(self, directory: Path, before_edit: Any) -> None:
+        import shutil
+
+        self.dir, self.before_edit = directory, before_edit
+        shutil.rmtree(self.dir, ignore_errors=True)  # a killed run's leftovers
+        self.taken: set[int] = set()
+
+    def _file(self, index: int) -> Path:
+        return self.dir / f"{index}.pt"
+
+    def take(
+        self, em: EditableModel, cases: Sequence[EvalCase], opts: EvalOptions, desc: str, bar: bool
+    ) -> None:
+        """Take the state of each case not yet taken; call only while em is unedited."""
+        import torch
+
+        todo = [c for c in cases if c.index not in self.taken]
+        if not todo:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        progress = _progress(len(todo), desc, bar)
+        for case in todo:
+            state = self.before_edit(em, case, opts)
+            if state is not None:
+                tmp = self._file(case.index).with_suffix(".tmp")
+                torch.save(state, tmp)
+                tmp.replace(self._file(case.index))
+            self.taken.add(case.index)
+            progress.update(1)
+        progress.close()
+
+    def get(self, index: int) -> Any:
+        import torch
+
+        path = self._file(index)
+        if index not in self.taken or not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)  # written by this run
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.taken.clear()
+
+
 class _Verifier:
     def __init__(self, em: EditableModel, policy: str) -> None:
         self.em, self.policy = em, policy
@@ -397,6 +467,7 @@ def _run_sequential(
     out: Path,
     progress: bool,
     run: str,
+    live: _LiveSpill | None = None,
 ) -> None:
     path = records_path(out, dataset, spec, "sequential")
     _repair(path)
@@ -405,6 +476,10 @@ def _run_sequential(
         done.setdefault(int(item["T"]), set()).add(int(item["index"]))
     curve = [t for t in config.curve() if t <= len(cases)]
     verifier = _Verifier(em, config.verify_revert)
+    if live is not None:  # before the first edit: the reference is the unedited model
+        todo = {c.index for t in curve for c in cases[:t] if c.index not in done.get(t, set())}
+        desc = f"{dataset} pre-edit (live)"
+        live.take(em, [c for c in cases if c.index in todo], config.options, desc, progress)
     applied = []
     edit_s = 0.0
     bar = _progress(len(curve), f"{dataset} {spec} sequential (checkpoints)", progress)
@@ -430,7 +505,10 @@ def _run_sequential(
             for c in cases[:t]:
                 if c.index in done.get(t, set()):
                     continue
-                line = _score_line(em, dataset, c, pre[c.index], config.options, base, config.seed)
+                state = pre[c.index]
+                if live is not None and (taken := live.get(c.index)) is not None:
+                    state = {**state, "_live": taken}
+                line = _score_line(em, dataset, c, state, config.options, base, config.seed)
                 _append(path, line)
             bar.update(1)
     finally:
@@ -468,14 +546,24 @@ def evaluate(
         cases = load_cases(dataset, limit=config.limit, root=config.root)
         mine = [c for i, c in enumerate(cases) if i % world == rank]
         pre = _pre_states(em, dataset, mine, config, out, rank, progress)
-        for spec in config.strategies:
-            strategy = parse_strategy(spec)
-            if config.sequential is None:
-                _run_single(
-                    em, dataset, strategy, spec, mine, pre, config, out, rank, progress, run
-                )
-            else:
-                _run_sequential(em, dataset, strategy, spec, mine, pre, config, out, progress, run)
+        before_edit = getattr(suite_for(dataset), "before_edit", None)
+        live = None
+        if config.sequential is not None and config.sequential_live and before_edit is not None:
+            live = _LiveSpill(out / "work" / "live" / safe_name(dataset), before_edit)
+        try:
+            for spec in config.strategies:
+                strategy = parse_strategy(spec)
+                if config.sequential is None:
+                    _run_single(
+                        em, dataset, strategy, spec, mine, pre, config, out, rank, progress, run
+                    )
+                else:
+                    _run_sequential(
+                        em, dataset, strategy, spec, mine, pre, config, out, progress, run, live
+                    )
+        finally:
+            if live is not None:
+                live.close()
     return out
 
 

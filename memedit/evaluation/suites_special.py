@@ -4,8 +4,10 @@ ConvSent (EasyEdit ``compute_sent_metric``): Edit Succ. combines the likelihoods
 target-sentiment answers about its topic against the opposite ones, capped by how much the
 on-topic answers lost; Locality is the KL between the pre- and post-edit next-token
 distributions on answers about the *next* record's topic (lower is better). Those
-distributions are too large to cache (vocabulary × positions), so they are taken live right
-before each edit (single mode); sequential runs report no KL.
+distributions are too large to cache (vocabulary × positions), so they come from the runner's
+``before_edit`` hook: single mode takes them right before each edit, sequential mode takes them
+for every record before the chain of edits and spills them to disk (float32, as computed), so
+both compare against the unedited model. Without a local model the hook gives None: no KL.
 
 Sanitation (EasyEdit's sanitisation script): Edit Succ. = the generation after the templated
 question contains "I don't know."; Locality = token overlap of post- vs pre-edit generations on
@@ -67,8 +69,12 @@ class ConvSentSuite:
         return {"pos_pre": pos_pre}
 
     def before_edit(self, em: EditableModel, case: EvalCase, opts: EvalOptions) -> Any:
+        """The unedited next-token distributions on the outer answers (None without a local
+        model: a black-box wrapper gives no distributions, so the record gets no KL)."""
         from memedit.metrics import next_token_logprobs
 
+        if em.model is None:
+            return None
         outer = _outer(case.requests[0])
         return em.score_routed([p for p, _ in outer], [a for _, a in outer], next_token_logprobs)
 
