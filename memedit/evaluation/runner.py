@@ -18,6 +18,7 @@ where present); every worker writes its own file and the report merges them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -364,6 +365,8 @@ class _LiveSpill:
 
         shutil.rmtree(self.dir, ignore_errors=True)
         self.taken.clear()
+        with contextlib.suppress(OSError):  # the shared live/ folder, once no dataset uses it
+            self.dir.parent.rmdir()
 
 
 class _Verifier:
