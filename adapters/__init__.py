@@ -1,5 +1,5 @@
-"""Merged adapters: the ``adapter`` strategy (issue 5). GRACE and LoRA (through peft) now;
-AdaLoRA, T-Patcher and WISE to come.
+"""Merged adapters: the ``adapter`` strategy (issue 5). GRACE, LoRA (through peft) and WISE
+now; AdaLoRA and T-Patcher to come.
 
     from memedit.adapters import get_adapter
     adapter = get_adapter("grace")(model)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from . import grace as _grace  # noqa: F401  (registers grace)
 from . import lora as _lora  # noqa: F401  (registers lora; needs peft only when used)
+from . import wise as _wise  # noqa: F401  (registers wise)
 from .api import (
     Adapter,
     AdapterError,
@@ -26,6 +27,8 @@ from .api import (
 from .codebook import Codebook, Item
 from .grace import GraceAdapter, GraceHparams
 from .lora import LoraAdapter, LoraHparams
+from .side_memory import SideMemory, WiseItem
+from .wise import WiseAdapter, WiseHparams
 
 __all__ = [
     "Adapter",
@@ -37,6 +40,10 @@ __all__ = [
     "LoraAdapter",
     "LoraHparams",
     "NonFiniteAdapterError",
+    "SideMemory",
+    "WiseAdapter",
+    "WiseHparams",
+    "WiseItem",
     "adapter_names",
     "get_adapter",
     "register_adapter",
