@@ -85,6 +85,16 @@ eval-adapters-sequential: venv
 		--fluency-tokens 0 --out $(EVAL_DIR)/adapter-grace-sequential-ZsRE
 	$(MAKE) results
 
+# lifelong WISE editing (issue #5): the same 500 ZsRE edits one at a time with adapter:wise
+# (side memory at 0.8 of the depth, defaults); one thread. Not run yet on this CPU: ~70 s per
+# edit here while the CPU is shared (~8 s of CPU time), so allow ~10 h.
+.PHONY: eval-adapters-sequential-wise
+eval-adapters-sequential-wise: venv
+	OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset ZsRE --strategies adapter:wise --limit 500 \
+		--sequential 500 --checkpoints 10,100,200,300,400,500 --no-generation \
+		--fluency-tokens 0 --out $(EVAL_DIR)/adapter-wise-sequential-ZsRE
+	$(MAKE) results
+
 # Causal tracing (issue #7): heatmaps, effects.json and the recommended edit layers of the
 # default model under docs/locate; one noise draw per fact, one process per core. ~30 min on
 # this 2-core CPU when it is shared (BENCHMARKS.md, "Issue #7").
