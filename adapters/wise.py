@@ -326,7 +326,7 @@ class WiseAdapter:
                     bad = float(loss.detach())
                     msg = f"WISE training of {request.prompt!r} diverged (loss {bad})"
                     raise NonFiniteAdapterError(msg)
-                done = float(token_lp.detach().min()) >= log_floor and float(margin) == 0.0
+                done = float(token_lp.detach().min()) >= log_floor and float(margin.detach()) == 0.0
                 if done or steps == hp.steps:
                     break
                 opt.zero_grad()
