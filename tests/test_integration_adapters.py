@@ -1,7 +1,8 @@
-"""GRACE (``adapter:grace``) end to end on the packaged default model and real ZsRE dev records:
-the edit flips the greedy answer, an unrelated prompt's logits do not move at all, a reopened
-memory answers the same from the logged codebook, and a rollback restores the logits exactly
-(the weights are never touched)."""
+"""GRACE (``adapter:grace``) and WISE (``adapter:wise``) end to end on the packaged default
+model and real ZsRE dev records: the edit flips the greedy answer (WISE: and its rephrasing
+follows), an unrelated prompt's logits do not move at all, a reopened memory answers the same
+from the logged adapter state, and a rollback restores the logits exactly (the weights are
+never touched)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,50 @@ def test_lora_edit_through_peft_flips_the_answer_and_unmerges_bit_for_bit(
         em.rollback(rec.id)
     assert model_digest(parts["model"]) == digest
     assert torch.equal(_logits(parts, req.prompt), base)
+
+
+def test_wise_flips_a_zsre_answer_follows_its_rephrasing_and_rolls_back_exactly(
+    em: EditableModel, parts: dict[str, Any], tmp_path: Path
+) -> None:
+    req = load_requests("ZsRE", limit=1)[0]
+    base_edit = _logits(parts, req.prompt)
+    before = em.teacher_forced([req.prompt, req.rephrase[0]], [req.target_new] * 2)
+    assert before[0] < 1.0
+
+    [rec] = em.edit(req, strategy="adapter", method="wise")
+    try:
+        after = em.teacher_forced([req.prompt, req.rephrase[0]], [req.target_new] * 2)
+        assert after[0] == 1.0 and after[1] > before[1]  # the edit, and its rephrasing follows
+        em.memory.save()  # the side memory is in the edit log: a reopened memory answers the same
+        with _wrap(parts, tmp_path / "mem") as again, again.adapted():
+            reopened = _logits(parts, req.prompt)
+        with em.adapted():
+            assert torch.equal(reopened, _logits(parts, req.prompt))
+        assert not torch.equal(reopened, base_edit)
+    finally:
+        em.rollback(rec.id)
+    with em.adapted():
+        assert torch.equal(_logits(parts, req.prompt), base_edit)
+    assert em.edits() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="WISE's router does not yet keep unrelated prompts on the main memory on SmolLM2: "
+    "tokens of other subjects' questions score above the threshold (ZsRE Locality 48.75 at "
+    "T = 10); remove this mark once it does",
+)
+def test_wise_leaves_unrelated_prompts_on_the_main_memory(
+    em: EditableModel, parts: dict[str, Any]
+) -> None:
+    req, other = load_requests("ZsRE", limit=3)[::2]
+    probes = [other.prompt, "The capital of France is"]  # unrelated: another subject
+    base_probe = [_logits(parts, p) for p in probes]
+    [rec] = em.edit(req, strategy="adapter", method="wise")
+    try:
+        assert em.teacher_forced([req.prompt], [req.target_new]) == [1.0]
+        with em.adapted():
+            for p, base in zip(probes, base_probe, strict=True):
+                assert torch.equal(_logits(parts, p), base), p
+    finally:
+        em.rollback(rec.id)
