@@ -113,8 +113,8 @@ eval-adapters-sequential-wise: venv
 	$(MAKE) results
 
 # Causal tracing (issue #7): heatmaps, effects.json and the recommended edit layers of the
-# default model under docs/locate; one noise draw per fact, one process per core. ~30 min on
-# this 2-core CPU when it is shared (BENCHMARKS.md, "Issue #7").
+# default model under docs/locate; one noise draw per fact, one process per core. 25 min on
+# this 2-core CPU when nothing else runs (BENCHMARKS.md, "Issue #7").
 LOCATE_N ?= 200
 LOCATE_WORKERS ?= 2
 locate: venv
