@@ -1,5 +1,5 @@
-"""Merged adapters: the ``adapter`` strategy (issue 5). GRACE, LoRA (through peft) and WISE
-now; AdaLoRA and T-Patcher to come.
+"""Merged adapters: the ``adapter`` strategy (issue 5). GRACE, LoRA and AdaLoRA (through peft)
+and WISE now; T-Patcher to come.
 
     from memedit.adapters import get_adapter
     adapter = get_adapter("grace")(model)
@@ -13,9 +13,11 @@ Importing this package does not import torch. Methods register themselves on imp
 
 from __future__ import annotations
 
+from . import adalora as _adalora  # noqa: F401  (registers adalora; needs peft only when used)
 from . import grace as _grace  # noqa: F401  (registers grace)
 from . import lora as _lora  # noqa: F401  (registers lora; needs peft only when used)
 from . import wise as _wise  # noqa: F401  (registers wise)
+from .adalora import AdaLoraAdapter, AdaLoraHparams
 from .api import (
     Adapter,
     AdapterError,
@@ -31,6 +33,8 @@ from .side_memory import SideMemory, WiseItem
 from .wise import WiseAdapter, WiseHparams
 
 __all__ = [
+    "AdaLoraAdapter",
+    "AdaLoraHparams",
     "Adapter",
     "AdapterError",
     "Codebook",

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from memedit.errors import IntegrityError, InvalidRequestError
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from memedit.intrinsic.compute import TargetBatch
     from memedit.types import EditRequest
 
 __all__ = ["LoraAdapter", "LoraHparams"]
@@ -75,20 +76,32 @@ class LoraHparams:
             "lr": math.isfinite(self.lr) and self.lr > 0.0,
             "stop_prob": 0.0 < self.stop_prob < 1.0,
         }
-        check_hparams("LoraHparams", self.layer, checks, self)
+        check_hparams(type(self).__name__, self.layer, checks, self)
 
     def module_for(self, model: nn.Module) -> str:
         from memedit.intrinsic.compute import mlp_out_name
         from memedit.spec import n_layers
 
         count = n_layers(model)
-        return mlp_out_name(
-            model, resolve_layer("LoraHparams", self.layer, self.layer_fraction, count)
-        )
+        owner = type(self).__name__
+        return mlp_out_name(model, resolve_layer(owner, self.layer, self.layer_fraction, count))
 
 
 class LoraAdapter:
-    """Per-edit peft LoRAs merged into one model's weights; see the module docstring."""
+    """Per-edit peft LoRAs merged into one model's weights; see the module docstring.
+
+    A peft method built on LoRA's layers (AdaLoRA, ``adalora.py``) is a subclass that names
+    itself (``method`` / ``title``, its hyperparameters) and overrides what differs: the peft
+    config (:meth:`_peft_config`), the training loss (:meth:`_loss`) and what runs after each
+    optimiser step (:meth:`_after_step`). Training loop, payload and merging are shared."""
+
+    method: ClassVar[str] = "lora"
+    title: ClassVar[str] = "LoRA"
+    hparams_type: ClassVar[type[LoraHparams]] = LoraHparams
+    #: merge the deltas peft computes from the saved payload (as a reopened memory does)
+    #: rather than from the trained modules; for methods whose saved adapter is not the
+    #: trained one verbatim (AdaLoRA saves only the ranks it kept)
+    deltas_from_payload: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -118,7 +131,7 @@ class LoraAdapter:
         """Train one LoRA per request on the current weights; nothing is merged here."""
         from memedit.intrinsic.hparams import from_options
 
-        hp = from_options(LoraHparams, hparams)
+        hp = from_options(self.hparams_type, hparams)
         module = hp.module_for(self.model)
         out = []
         for r in requests:
@@ -127,21 +140,36 @@ class LoraAdapter:
             out.append(blob)
         return out
 
+    def _peft_config(self, hp: Any, module: str) -> Any:
+        """The peft config of one edit's adapter on ``module``."""
+        return _peft().LoraConfig(
+            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=0.0, target_modules=[module], bias="none"
+        )
+
+    def _loss(self, peft_model: Any, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to minimise, log-probability of every target token) for one step."""
+        import torch
+
+        from memedit.intrinsic.compute import forward_logits
+
+        logits = forward_logits(self.model, batch.ids, batch.mask, batch.keep)
+        token_lp = torch.log_softmax(logits.float(), dim=-1)[batch.tgt_index, batch.tgt_token]
+        return -token_lp.mean(), token_lp
+
+    def _after_step(self, peft_model: Any, step: int) -> None:
+        """Called after every optimiser step (before the gradients are cleared)."""
+
     def _train(
-        self, tokenizer: PreTrainedTokenizerBase, request: EditRequest, hp: LoraHparams, module: str
+        self, tokenizer: PreTrainedTokenizerBase, request: EditRequest, hp: Any, module: str
     ) -> tuple[bytes, dict[str, torch.Tensor]]:
         import torch
 
-        from memedit.intrinsic.compute import forward_logits, frozen, target_batch
+        from memedit.intrinsic.compute import frozen, target_batch
 
-        peft = _peft()
-        LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
-
+        get_peft_model = _peft().get_peft_model
         device = next(self.model.parameters()).device
         batch = target_batch(tokenizer, [(request.prompt, request.target_new)], device)
-        config = LoraConfig(
-            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=0.0, target_modules=[module], bias="none"
-        )
+        config = self._peft_config(hp, module)
         floor = math.log(hp.stop_prob)
         with frozen(self.model), _quiet_peft():  # every requires_grad flag restored after
             peft_model = get_peft_model(self.model, config)
@@ -149,25 +177,26 @@ class LoraAdapter:
                 params = [p for p in peft_model.parameters() if p.requires_grad]
                 opt = torch.optim.Adam(params, lr=hp.lr)
                 for step in range(hp.steps + 1):
-                    logits = forward_logits(self.model, batch.ids, batch.mask, batch.keep)
-                    token_lp = torch.log_softmax(logits.float(), dim=-1)[
-                        batch.tgt_index, batch.tgt_token
-                    ]
-                    loss = -token_lp.mean()
+                    loss, token_lp = self._loss(peft_model, batch)
                     if not torch.isfinite(loss):
                         bad = float(loss.detach())
-                        msg = f"LoRA training of {request.prompt!r} diverged (loss {bad})"
+                        msg = f"{self.title} training of {request.prompt!r} diverged (loss {bad})"
                         raise NonFiniteAdapterError(msg)
                     if float(token_lp.detach().min()) >= floor or step == hp.steps:
                         break
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                log.debug("LoRA for %r: %d steps, loss %.4f", request.prompt, step, float(loss))
+                    self._after_step(peft_model, step)
+                log.debug(
+                    "%s for %r: %d steps, loss %.4f", self.title, request.prompt, step, float(loss)
+                )
                 deltas = _deltas_of(peft_model)
-                blob = _zip_peft(peft_model, {"format": FORMAT, "method": "lora"})
+                blob = _zip_peft(peft_model, {"format": FORMAT, "method": self.method})
             finally:
                 peft_model.unload()
+        if self.deltas_from_payload:
+            deltas = self._load_deltas(blob)
         return blob, deltas
 
     # ------------------------------------------------------------------ merging
@@ -178,7 +207,7 @@ class LoraAdapter:
             raise InvalidRequestError(msg, field="payloads", value=len(payloads))
         for edit_id in edit_ids:
             if edit_id in self._deltas:
-                msg = f"LoRA edit {edit_id} is already merged"
+                msg = f"{self.title} edit {edit_id} is already merged"
                 raise InvalidRequestError(msg, field="edit_id", value=edit_id)
         new: dict[int, dict[str, torch.Tensor]] = {}
         for edit_id, blob in zip(edit_ids, payloads, strict=True):
@@ -203,7 +232,7 @@ class LoraAdapter:
     def remove(self, edit_id: int) -> None:
         deltas = self._deltas.get(edit_id)
         if deltas is None:
-            msg = f"LoRA edit {edit_id} is not merged into this model"
+            msg = f"{self.title} edit {edit_id} is not merged into this model"
             raise AdapterError(msg)
         self._check_untouched(set(deltas))
         del self._deltas[edit_id]
@@ -216,8 +245,8 @@ class LoraAdapter:
             written = self._written.get(module)
             if written is not None and not torch.equal(self._weight(module), written):
                 msg = (
-                    f"{module} was changed since the last LoRA merge (another edit strategy "
-                    "wrote it); roll that edit back first"
+                    f"{module} was changed since the last {self.title} merge (another edit "
+                    "strategy wrote it); roll that edit back first"
                 )
                 raise AdapterError(msg)
 
@@ -236,7 +265,7 @@ class LoraAdapter:
             for part in parts:
                 total = total + part.to(device=total.device, dtype=torch.float32)
             if not bool(torch.isfinite(total).all()):
-                msg = f"merging the LoRA edits into {module} gives NaN/Inf weights; refused"
+                msg = f"merging the {self.title} edits into {module} gives NaN/Inf weights; refused"
                 raise NonFiniteAdapterError(msg)
             plans[module] = total.to(base.dtype)
         with torch.no_grad():
@@ -253,7 +282,7 @@ class LoraAdapter:
 
         weight = self.model.get_submodule(module).weight
         if not isinstance(weight, torch.Tensor):
-            msg = f"{module} has no weight tensor for a LoRA merge"
+            msg = f"{module} has no weight tensor for a {self.title} merge"
             raise AdapterError(msg)
         return weight
 
@@ -263,7 +292,7 @@ class LoraAdapter:
 
         peft = _peft()
         with tempfile.TemporaryDirectory() as tmp:
-            _unzip(blob, Path(tmp))
+            _unzip(blob, Path(tmp), self.method)
             with frozen(self.model), _quiet_peft():
                 peft_model = peft.PeftModel.from_pretrained(self.model, tmp)
                 try:
@@ -276,7 +305,7 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError as exc:  # an optional dependency: the `adapters` extra
-        msg = "LoRA edits need peft: pip install 'memedit[adapters]'"
+        msg = "LoRA and AdaLoRA edits need peft: pip install 'memedit[adapters]'"
         raise AdapterError(msg) from exc
     return peft
 
@@ -309,31 +338,38 @@ def _zip_peft(peft_model: Any, meta: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _unzip(blob: bytes, dest: Path) -> dict[str, Any]:
+def _unzip(blob: bytes, dest: Path, method: str = "lora") -> dict[str, Any]:
     try:
         with zipfile.ZipFile(io.BytesIO(blob)) as zf:
             names = zf.namelist()
             if any(n.startswith("/") or ".." in Path(n).parts for n in names):
-                msg = "LoRA payload holds a path outside its directory"
+                msg = f"{method} payload holds a path outside its directory"
                 raise IntegrityError(msg)
             zf.extractall(dest)
             meta: dict[str, Any] = json.loads(zf.read(_META))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-        msg = f"not a serialised LoRA edit: {exc}"
+        msg = f"not a serialised {method} edit: {exc}"
         raise IntegrityError(msg) from exc
-    if meta.get("format") != FORMAT or meta.get("method") != "lora":
-        msg = f"LoRA payload metadata {meta!r} is not format {FORMAT}"
+    if meta.get("format") != FORMAT or meta.get("method") != method:
+        msg = f"{method} payload metadata {meta!r} is not format {FORMAT} of {method!r}"
         raise IntegrityError(msg)
     return meta
 
 
 @contextmanager
 def _quiet_peft() -> Iterator[None]:
-    """peft warns about wrapping an already used model; the wrapper is undone right after."""
+    """peft warns about wrapping an already used model (the wrapper is undone right after),
+    about a deprecated transformers call it makes, and, loading an AdaLoRA, that its
+    rank_pattern names no module (AdaLoRA's pattern names the kept triplets, which peft
+    applies after that check)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", "The following rank_pattern keys", RuntimeWarning)
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
         yield
 
 
