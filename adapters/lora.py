@@ -292,7 +292,7 @@ class LoraAdapter:
 
         peft = _peft()
         with tempfile.TemporaryDirectory() as tmp:
-            _unzip(blob, Path(tmp), self.method)
+            _unzip(blob, Path(tmp), self.method, self.title)
             with frozen(self.model), _quiet_peft():
                 peft_model = peft.PeftModel.from_pretrained(self.model, tmp)
                 try:
@@ -338,20 +338,20 @@ def _zip_peft(peft_model: Any, meta: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _unzip(blob: bytes, dest: Path, method: str = "lora") -> dict[str, Any]:
+def _unzip(blob: bytes, dest: Path, method: str = "lora", title: str = "LoRA") -> dict[str, Any]:
     try:
         with zipfile.ZipFile(io.BytesIO(blob)) as zf:
             names = zf.namelist()
             if any(n.startswith("/") or ".." in Path(n).parts for n in names):
-                msg = f"{method} payload holds a path outside its directory"
+                msg = f"{title} payload holds a path outside its directory"
                 raise IntegrityError(msg)
             zf.extractall(dest)
             meta: dict[str, Any] = json.loads(zf.read(_META))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-        msg = f"not a serialised {method} edit: {exc}"
+        msg = f"not a serialised {title} edit: {exc}"
         raise IntegrityError(msg) from exc
     if meta.get("format") != FORMAT or meta.get("method") != method:
-        msg = f"{method} payload metadata {meta!r} is not format {FORMAT} of {method!r}"
+        msg = f"{title} payload metadata {meta!r} is not format {FORMAT} of {method!r}"
         raise IntegrityError(msg)
     return meta
 

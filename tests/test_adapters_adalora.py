@@ -110,7 +110,7 @@ def test_a_non_finite_merge_is_refused_and_a_lora_payload_is_not_adalora() -> No
         adapter.commit([1], [b"broken"])
     assert _same(model, base) and adapter.edit_ids() == []
     [lora] = LoraAdapter(model).prepare(tok, [REQ], {"layer": 1, "steps": 2})
-    with pytest.raises(IntegrityError, match="adalora"):
+    with pytest.raises(IntegrityError, match="AdaLoRA payload metadata"):
         adapter.commit([1], [lora])
     assert _same(model, base)
 
