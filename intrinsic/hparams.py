@@ -40,11 +40,12 @@ H = TypeVar("H")
 DEFAULT_LAYERS: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {
     # SmolLM2-135M. MEMIT/AlphaEdit: layers 3-7 (benchmarks/memit_edit.py --limit 20, one
     # batch, λ 5000: 2-5 edits less (Edit Succ. 91 vs 97), 4-8 keeps less locality (48 vs 51))
-    # Causal tracing (`memedit locate`, docs/locate, 44 of the 169 known facts so far) puts
-    # the MLP effect at the last subject token at window centres 4-5 (0.064 / 0.063, a tie
-    # within noise) and recommends ROME 4, MEMIT 1-5. Kept as they are: layer 5 is inside the
-    # measured peak and edits best of layers 2/5/8 (docs/eval/weights-rome-layers-ZsRE), and
-    # 1-5 would move MEMIT toward 2-5, which edited less well than 3-7 above.
+    # Causal tracing (`memedit locate`, docs/locate, 200 known facts) puts the MLP effect at the
+    # last subject token at window centres 4-5 (a tie) and recommends ROME 4, MEMIT 1-5. Editing
+    # does not follow it: ROME on the first 40 ZsRE dev records keeps Locality 66.5 at layer 4,
+    # 70.8 at 5 and 75-77 at 11-20, Edit Succ. 95-100 at every layer (docs/eval/NOTES.md). ROME
+    # stays at 5 (inside the traced peak; every committed ROME run used it) until a deeper layer
+    # is confirmed on >= 200 records; MEMIT 1-5 would move toward 2-5, which edited less well.
     ("llama", 30, 576): {"rome": (5,), "memit": (3, 4, 5, 6, 7)},
 }
 #: Fine-tuning's fallback depth (EasyEdit's FT-L/FT-M tune layer 21 of Llama-2-7B's 32).

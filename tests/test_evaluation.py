@@ -188,6 +188,11 @@ def test_an_interrupted_run_resumes_without_recomputing(em: EditableModel, tmp_p
     evaluate(em, config(tmp_path, strategies=("counting",), limit=4), progress=False)
     assert calls == [0, 1, 2, 3]  # 0 and 1 were not recomputed
     assert sorted(r["index"] for r in load_records(Path(cfg.out))) == [0, 1, 2, 3]
+    manifest = json.loads((Path(cfg.out) / "manifest.json").read_text())
+    assert manifest["limit"] == 4  # the manifest says how far the run went
+    evaluate(em, config(tmp_path, strategies=("counting",), limit=3), progress=False)
+    assert calls == [0, 1, 2, 3]
+    assert json.loads((Path(cfg.out) / "manifest.json").read_text())["limit"] == 4
     with pytest.raises(InvalidRequestError, match="different seed"):
         evaluate(em, config(tmp_path, strategies=("counting",), seed=1), progress=False)
 

@@ -264,6 +264,9 @@ def _reconcile(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
             raise InvalidRequestError(msg, field="datasets", value=ds)
     old["datasets"].update(fresh["datasets"])
     old["strategies"].update(fresh["strategies"])
+    if old.get("limit") is not None:  # a resumed run may ask for more records (None: all)
+        new_limit = fresh.get("limit")
+        old["limit"] = None if new_limit is None else max(old["limit"], new_limit)
     old["versions"] = fresh["versions"]
     path.write_text(json.dumps(old, indent=2), encoding="utf-8")
     return dict(old)
