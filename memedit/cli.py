@@ -176,6 +176,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         root=args.data_dir,
+        split=args.split,
         verify_revert=args.verify_revert,
         options=EvalOptions(fluency_tokens=args.fluency_tokens, generation=not args.no_generation),
     )
@@ -363,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval-out", help="output directory (resumable)")
     ev.add_argument("--workers", type=int, default=1, help="worker processes (a GPU each)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--split",
+        default="dev",
+        choices=["dev", "train", "test"],
+        help="which file of each dataset: dev (default), train, or test (the full release's)",
+    )
     ev.add_argument(
         "--data-dir",
         default=None,

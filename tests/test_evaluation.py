@@ -307,3 +307,22 @@ def test_each_suite_scores_its_metrics_with_generation(
     summary = summarise(load_records(out))[dataset]["single"]
     labels = {r.label for r in suite_for(dataset).rows}
     assert set(summary["memory"]["rows"]) == labels
+
+
+def test_a_run_on_another_split_reads_that_file_and_says_so(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    cfg = config(
+        tmp_path, datasets=("Sanitation",), strategies=("unedited",), limit=2, split="train"
+    )
+    evaluate(em, cfg, progress=False)
+    manifest = json.loads((Path(cfg.out) / "manifest.json").read_text())
+    entry = manifest["datasets"]["Sanitation"]
+    assert entry["split"] == "train" and entry["file"].endswith("trivia_qa_train.json")
+    train = load_cases("Sanitation", split="train", limit=2)
+    dev = load_cases("Sanitation", limit=2)
+    assert train[0].requests[0].prompt != dev[0].requests[0].prompt
+    got = sorted(r["index"] for r in load_records(Path(cfg.out)))
+    assert got == [0, 1]
+    with pytest.raises(InvalidRequestError, match="unknown split 'validation'"):
+        config(tmp_path, split="validation")

@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memedit.datasets import EvalCase, load_cases, resolve_dataset_file
+from memedit.datasets import SPLITS, EvalCase, load_cases, resolve_dataset_file
 from memedit.errors import InvalidRequestError, MemeditError
 from memedit.evaluation.strategies import EvalStrategy, parse_strategy, weights_digest
 from memedit.evaluation.suites import EvalOptions, suite_for
@@ -75,6 +75,7 @@ class EvalConfig:
     seed: int = 0
     workers: int = 1
     root: str | None = None
+    split: str = "dev"
     verify_revert: str = "sample"
     sequential_live: bool = True
     options: EvalOptions = field(default_factory=EvalOptions)
@@ -90,6 +91,9 @@ class EvalConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 msg = f"{name} must be a positive integer, got {value!r}"
                 raise InvalidRequestError(msg, field=name, value=value)
+        if self.split not in SPLITS:
+            msg = f"unknown split {self.split!r}; choose one of {list(SPLITS)}"
+            raise InvalidRequestError(msg, field="split", value=self.split)
         if not isinstance(self.edit_batch, int) or self.edit_batch < 1:
             msg = f"edit_batch must be a positive integer, got {self.edit_batch!r}"
             raise InvalidRequestError(msg, field="edit_batch", value=self.edit_batch)
@@ -199,8 +203,10 @@ def _append(path: Path, item: dict[str, Any]) -> None:
 def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, Any]:
     datasets = {}
     for ds in config.datasets:
-        path = resolve_dataset_file(ds, "dev", config.root)
+        path = resolve_dataset_file(ds, config.split, config.root)
         datasets[ds] = {"file": str(path), "sha256": file_sha256(path)}
+        if config.split != "dev":  # dev runs keep the manifests (and run ids) they had
+            datasets[ds]["split"] = config.split
     return {
         "format": FORMAT,
         "model": em.model_name,
@@ -549,7 +555,7 @@ def evaluate(
         _reconcile(out, manifest)
     run = _run_id(manifest)
     for dataset in config.datasets:
-        cases = load_cases(dataset, limit=config.limit, root=config.root)
+        cases = load_cases(dataset, split=config.split, limit=config.limit, root=config.root)
         mine = [c for i, c in enumerate(cases) if i % world == rank]
         pre = _pre_states(em, dataset, mine, config, out, rank, progress)
         before_edit = getattr(suite_for(dataset), "before_edit", None)
