@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export MEMEDIT_TEST_PG_URL
 
-.PHONY: venv demo test lint typecheck unit bench eval eval-generation eval-convsent-sequential eval-weights eval-weights-sequential eval-adapters-sequential results locate clean
+.PHONY: venv demo test lint typecheck unit bench eval eval-generation eval-convsent-sequential eval-weights eval-weights-sequential eval-adapters-sequential eval-adapters-single results locate clean
 
 venv: $(VENV)/.installed
 
@@ -91,6 +91,15 @@ eval-weights-sequential: venv
 		$(BIN)/memedit eval --dataset ZsRE --strategies weights:$$m --sequential 500 \
 			--edit-batch 100 --checkpoints 100,200,300,400,500 --no-generation \
 			--fluency-tokens 0 --out $(EVAL_DIR)/weights-sequential-ZsRE || exit 1; done
+	$(MAKE) results
+
+# single-mode adapter runs (issue #5): AdaLoRA and T-Patcher on ZsRE dev, every revert checked;
+# one thread. The committed run holds the first 100 records (~8 s per record per method here);
+# this target resumes it up to the issue's 200.
+eval-adapters-single: venv
+	OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset ZsRE --strategies adapter:adalora,adapter:tpatcher \
+		--limit 200 --no-generation --fluency-tokens 0 --verify-revert all \
+		--out $(EVAL_DIR)/adapter-single-ZsRE
 	$(MAKE) results
 
 # lifelong adapter editing (issue #5): 500 ZsRE edits with GRACE, one at a time, scored at each
