@@ -324,5 +324,6 @@ def test_a_run_on_another_split_reads_that_file_and_says_so(
     assert train[0].requests[0].prompt != dev[0].requests[0].prompt
     got = sorted(r["index"] for r in load_records(Path(cfg.out)))
     assert got == [0, 1]
+    assert "Sanitation (train file, sha256 " in write_reports(cfg.out)["md"].read_text()
     with pytest.raises(InvalidRequestError, match="unknown split 'validation'"):
         config(tmp_path, split="validation")

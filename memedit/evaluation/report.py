@@ -114,7 +114,10 @@ def _md(table: Sequence[Sequence[str]]) -> str:
 
 
 def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
-    ds = ", ".join(f"{k} (sha256 {v['sha256'][:12]}…)" for k, v in manifest["datasets"].items())
+    ds = ", ".join(
+        f"{k} ({v['split'] + ' file, ' if 'split' in v else ''}sha256 {v['sha256'][:12]}…)"
+        for k, v in manifest["datasets"].items()
+    )
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
     strategies = json.dumps(manifest.get("strategies", {}), sort_keys=True)
     return [
