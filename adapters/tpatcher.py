@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memedit.errors import IntegrityError, InvalidRequestError
+from memedit.hooks import edit_output_given_input
 
 from .api import (
     AdapterError,
@@ -272,7 +273,7 @@ class TPatcherAdapter:
             for module in sorted({p.module for p in self._patches.values()}):
                 bank = self._bank(module)
                 if bank is not None:
-                    stack.enter_context(_with_input(self.model, module, bank.apply))
+                    stack.enter_context(edit_output_given_input(self.model, module, bank.apply))
             yield self
 
     # ------------------------------------------------------------------ training
@@ -553,28 +554,6 @@ def _train_texts(dataset: str, n: int) -> list[str]:
     texts = [f"{p.prompt} {p.answers[0] if p.answers else ''}" for r in records for p in r.locality]
     texts += [f"{r.prompt} {r.ground_truth[0] if r.ground_truth else ''}" for r in records]
     return [t.strip() for t in texts]
-
-
-@contextmanager
-def _with_input(model: nn.Module, module: str, fn: Any) -> Iterator[None]:
-    """``module``'s output replaced by ``fn(its input, its output)`` while the block runs (two
-    `memedit.hooks` helpers: the input kept by the pre-hook is read by the output hook)."""
-    from memedit.hooks import edit_input, edit_output
-
-    kept: list[torch.Tensor] = []
-
-    def keep(inputs: torch.Tensor) -> torch.Tensor:
-        kept[:] = [inputs]
-        return inputs
-
-    def change(out: torch.Tensor) -> torch.Tensor:
-        return fn(kept[0], out)
-
-    with edit_input(model, module, keep), edit_output(model, module, change):
-        try:
-            yield
-        finally:
-            kept.clear()
 
 
 def patch_to_bytes(patch: Patch) -> bytes:

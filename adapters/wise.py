@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memedit.errors import InvalidRequestError
+from memedit.hooks import edit_output_given_input
 
 from .api import (
     AdapterError,
@@ -208,7 +209,7 @@ class WiseAdapter:
             for module, memory in self.memories.items():
                 if len(memory):
                     memory.to(self._device())
-                    stack.enter_context(_routed(self.model, module, memory.apply))
+                    stack.enter_context(edit_output_given_input(self.model, module, memory.apply))
             yield self
 
     # ------------------------------------------------------------------ training
@@ -307,7 +308,7 @@ class WiseAdapter:
         steps, loss = 0, torch.zeros(())
         with (
             frozen(self.model),
-            _routed(self.model, lay.module, replace),
+            edit_output_given_input(self.model, lay.module, replace),
             _upper(self.model, tokenizer, lay.module, batch.ids, batch.mask) as run,
         ):
             for steps in range(hp.steps + 1):
@@ -406,28 +407,6 @@ def _upper(
         yield run
     finally:
         setattr(parent, attr, blocks)
-
-
-@contextmanager
-def _routed(model: nn.Module, module: str, fn: Any) -> Iterator[None]:
-    """``module``'s output replaced by ``fn(its input, its output)`` while the block runs (two
-    `memedit.hooks` helpers: the input is kept by the pre-hook for the output hook)."""
-    from memedit.hooks import edit_input, edit_output
-
-    kept: list[torch.Tensor] = []
-
-    def keep(acts: torch.Tensor) -> torch.Tensor:
-        kept[:] = [acts]
-        return acts
-
-    def change(out: torch.Tensor) -> torch.Tensor:
-        return fn(kept[0], out)
-
-    with edit_input(model, module, keep), edit_output(model, module, change):
-        try:
-            yield
-        finally:
-            kept.clear()
 
 
 register_adapter("wise", WiseAdapter)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Trace", "edit_input", "edit_output", "trace"]
+__all__ = ["Trace", "edit_input", "edit_output", "edit_output_given_input", "trace"]
 
 
 def _primary(value: Any) -> Any:
@@ -204,3 +204,27 @@ def edit_input(
         yield module
     finally:
         _remove(handles)
+
+
+@contextmanager
+def edit_output_given_input(
+    model: nn.Module,
+    module_name: str,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Iterator[None]:
+    """Replace the output of ``module_name`` by ``fn(its main input, its output)`` while the
+    block runs: :func:`edit_input` keeps the input (unchanged) for :func:`edit_output`."""
+    kept: list[torch.Tensor] = []
+
+    def keep(inputs: torch.Tensor) -> torch.Tensor:
+        kept[:] = [inputs]
+        return inputs
+
+    def change(out: torch.Tensor) -> torch.Tensor:
+        return fn(kept[0], out)
+
+    with edit_input(model, module_name, keep), edit_output(model, module_name, change):
+        try:
+            yield
+        finally:
+            kept.clear()
