@@ -197,6 +197,39 @@ def test_an_interrupted_run_resumes_without_recomputing(em: EditableModel, tmp_p
         evaluate(em, config(tmp_path, strategies=("counting",), seed=1), progress=False)
 
 
+def test_a_resume_with_another_worker_count_skips_what_any_rank_did(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    class Counting(WrapperStrategy):
+        def apply(self, em: EditableModel, requests: Sequence[EditRequest]) -> Any:
+            calls.append(int(requests[0].meta["index"]))
+            return super().apply(em, requests)
+
+    register_strategy("counting2", lambda method, opts: Counting("memory"))
+    cfg = config(tmp_path, strategies=("counting2",), limit=4)
+    for rank in (0, 1):  # a first sitting with two workers: ranks write their own files
+        evaluate(em, cfg, rank=rank, world=2, progress=False)
+    assert sorted(calls) == [0, 1, 2, 3]
+    out = Path(cfg.out)
+    assert records_path(out, "ZsRE", "counting2", "single", 1).is_file()
+    pre_files = sorted(p.name for p in (out / "pre").iterdir())
+    assert pre_files == ["ZsRE.jsonl", "ZsRE.rank1.jsonl"]
+    pre_lines = sum(len(lines(out / "pre" / name)) for name in pre_files)
+    evaluate(em, config(tmp_path, strategies=("counting2",), limit=5), progress=False)
+    assert sorted(calls) == [0, 1, 2, 3, 4]  # one worker now: only record 4 is new
+    assert sum(len(lines(out / "pre" / name)) for name in pre_files) == pre_lines + 1
+    assert sorted(r["index"] for r in load_records(out)) == [0, 1, 2, 3, 4]
+    # a record scored twice (as sittings before this fix could leave it) is counted once
+    rank1 = records_path(out, "ZsRE", "counting2", "single", 1)
+    first = rank1.read_text().splitlines()[0]
+    records_path(out, "ZsRE", "counting2", "single").open("a").write(first + "\n")
+    assert sorted(r["index"] for r in load_records(out)) == [0, 1, 2, 3, 4]
+    summary = summarise(load_records(out))
+    assert summary["ZsRE"]["single"]["counting2"]["n"] == 5
+
+
 def test_a_revert_that_leaves_weights_changed_is_caught(em: EditableModel, tmp_path: Path) -> None:
     class Sloppy:
         name = "sloppy"

@@ -28,10 +28,24 @@ __all__ = ["aggregate", "load_records", "summarise", "write_reports"]
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
-    """Every record line under ``out/records`` (all datasets, strategies, modes, ranks)."""
+    """Every record line under ``out/records`` (all datasets, strategies, modes, ranks), each
+    (dataset, mode, strategy, T, record) once: the first line written for it wins (a record
+    scored twice, e.g. by a sitting that predates cross-rank resume, is counted once)."""
     lines: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
     for path in sorted((out / "records").glob("*/*.jsonl")):
-        lines.extend(_read_jsonl(path))
+        for line in _read_jsonl(path):
+            key = (
+                line.get("dataset"),
+                line.get("mode"),
+                line.get("strategy"),
+                line.get("T"),
+                line.get("index"),
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(line)
     return lines
 
 

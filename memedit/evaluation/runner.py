@@ -147,6 +147,13 @@ def records_path(out: Path, dataset: str, spec: str, mode: str, rank: int = 0) -
     return out / "records" / dataset / f"{safe_name(spec)}.{mode}{suffix}.jsonl"
 
 
+def rank_files(directory: Path, stem: str) -> list[Path]:
+    """``stem.jsonl`` and every ``stem.rankN.jsonl`` in ``directory``: what all the workers of
+    any earlier sitting wrote for one file (a resumed run may use another worker count)."""
+    found = [directory / f"{stem}.jsonl", *sorted(directory.glob(f"{stem}.rank*.jsonl"))]
+    return [p for p in found if p.is_file()]
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in (
@@ -305,7 +312,12 @@ def _pre_states(
     suite = suite_for(dataset)
     path = out / "pre" / f"{dataset}{f'.rank{rank}' if rank else ''}.jsonl"
     _repair(path)
-    cached = {int(item["index"]): item["pre"] for item in _read_jsonl(path)}
+    # every rank's cache: an earlier sitting with another worker count split the cases otherwise
+    cached = {
+        int(item["index"]): item["pre"]
+        for other in rank_files(out / "pre", dataset)
+        for item in _read_jsonl(other)
+    }
     todo = [c for c in cases if c.index not in cached]
     bar = _progress(len(cases), f"{dataset} pre-edit", progress, len(cases) - len(todo))
     for case in todo:
@@ -438,7 +450,11 @@ def _run_single(
 ) -> None:
     path = records_path(out, dataset, spec, "single", rank)
     _repair(path)
-    done = {int(item["index"]) for item in _read_jsonl(path)}
+    # done by any rank of any sitting: resuming with another --workers must not redo a record
+    stem = path.name.removesuffix(".jsonl").removesuffix(f".rank{rank}" if rank else "")
+    done = {
+        int(item["index"]) for other in rank_files(path.parent, stem) for item in _read_jsonl(other)
+    }
     todo = [c for c in cases if c.index not in done]
     verifier = _Verifier(em, config.verify_revert)
     before_edit = getattr(suite_for(dataset), "before_edit", None)
