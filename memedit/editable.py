@@ -814,6 +814,28 @@ class EditableModel:
         """Flush and close the edit memory."""
         self.memory.close()
 
+    def detach(self) -> None:
+        """Take every edit's effect off the model, then close the memory; the edit log stays
+        as it is.
+
+        In-weight deltas are reverted newest first (bit for bit) and adapter edits
+        deactivated, so the model is the base model again. Wrapping the same base model over
+        the same memory (``EditableModel(model, tokenizer, memory=EditMemory.open(path), ...)``
+        or ``from_pretrained``) restores every edit. The evaluator keeps a sequential chain of
+        edits on disk this way between sittings."""
+        try:
+            for batch_id in reversed(list(self._deltas)):
+                delta = self._deltas.pop(batch_id)
+                if delta.applied:
+                    delta.revert()
+            self._method_states.clear()
+            if self._adapter_edits is not None:
+                for adapter in reversed(list(self._adapter_edits.adapters.values())):
+                    for edit_id in reversed(adapter.edit_ids()):
+                        adapter.remove(edit_id)
+        finally:
+            self.memory.close()
+
     def __enter__(self) -> EditableModel:
         return self
 

@@ -11,7 +11,8 @@ will score before the chain of edits starts, on the same unedited model, and spi
 as it is (see `_LiveSpill`), so every checkpoint compares against the unedited model exactly.
 
 Everything is appended to JSONL as it finishes, so an interrupted run resumes where it stopped:
-finished records (single) and finished checkpoints (sequential) are not recomputed. Records can
+finished records (single) and finished checkpoints (sequential) are not recomputed; a
+sequential chain of edits is kept on disk and continued, not re-applied (`chain.py`). Records can
 be split across worker processes with torch.multiprocessing (one model per process, a GPU each
 where present); every worker writes its own file and the report merges them.
 """
@@ -33,7 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from memedit.datasets import SPLITS, EvalCase, load_cases, resolve_dataset_file
 from memedit.errors import InvalidRequestError, MemeditError
-from memedit.evaluation.strategies import EvalStrategy, parse_strategy, weights_digest
+from memedit.evaluation.chain import Chain
+from memedit.evaluation.strategies import (
+    EvalStrategy,
+    WrapperStrategy,
+    parse_strategy,
+    weights_digest,
+)
 from memedit.evaluation.suites import EvalOptions, suite_for
 from memedit.paths import file_sha256
 
@@ -510,16 +517,36 @@ def _run_sequential(
         live.take(em, [c for c in cases if c.index in todo], config.options, desc, progress)
     applied = []
     edit_s = 0.0
-    bar = _progress(len(curve), f"{dataset} {spec} sequential (checkpoints)", progress)
     step = config.edit_batch
+    starts = list(range(0, curve[-1], step))
+    groups = [cases[s : min(s + step, curve[-1])] for s in starts]
+    chain = None
+    target = em
+    if isinstance(strategy, WrapperStrategy):  # its chain is kept on disk (see chain.py)
+        chain = Chain.open(out / "work" / "chain" / safe_name(dataset) / safe_name(spec), em)
+        target = chain.em
+    bar = _progress(len(curve), f"{dataset} {spec} sequential (checkpoints)", progress)
     try:
-        for start in range(0, curve[-1], step):
-            group = cases[start : min(start + step, curve[-1])]
+        if chain is not None:
+            chain.check([[c.index for c in g] for g in groups])
+            edit_s = chain.edit_s
+            if chain.batches:
+                log.info(
+                    "%s on %s: continuing a kept chain of %d cases", spec, dataset, chain.cases
+                )
+            bar.update(sum(1 for t in curve if t <= chain.cases))
+        for start, group in zip(starts, groups, strict=True):
             t = start + len(group)
+            if chain is not None and t <= chain.cases:
+                continue
             t0 = time.perf_counter()
-            applied.append(strategy.apply(em, [r for c in group for r in c.requests]))
+            now = strategy.apply(target, [r for c in group for r in c.requests])
             edit_s += time.perf_counter() - t0
+            if chain is None:
+                applied.append(now)
             if t not in curve:
+                if chain is not None:
+                    chain.record([c.index for c in group], _edit_ids(now), edit_s)
                 continue
             base = {
                 "run": run,
@@ -536,15 +563,24 @@ def _run_sequential(
                 state = pre[c.index]
                 if live is not None and (taken := live.get(c.index)) is not None:
                     state = {**state, "_live": taken}
-                line = _score_line(em, dataset, c, state, config.options, base, config.seed)
+                line = _score_line(target, dataset, c, state, config.options, base, config.seed)
                 _append(path, line)
+            if chain is not None:  # scored: a later sitting continues after this batch
+                chain.record([c.index for c in group], _edit_ids(now), edit_s)
             bar.update(1)
     finally:
+        if chain is not None:
+            chain.close()
         for a in reversed(applied):
             a.revert()
         bar.close()
     if config.verify_revert != "none":
         verifier.check(f"{spec} on {dataset} after {len(applied)} sequential edits")
+
+
+def _edit_ids(applied: Any) -> list[int]:
+    """The edit ids a wrapper strategy's edit got (`strategies._WrapperApplied.ids`)."""
+    return [int(i) for i in applied.ids]
 
 
 def evaluate(
