@@ -100,7 +100,11 @@ def run(
             raise SystemExit(f"revert of {name} was not bit-exact")
     first = [r[0] for r in resid]
     last = [r[-1] for r in resid]
-    opts = ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    opts = ",".join(
+        f"{k}={len(v)} templates" if k == "neighbour_templates" else f"{k}={v}"
+        for k, v in options.items()
+    )
+    opts = opts or "defaults"
     return (
         f"| {method} | {opts} | {','.join(map(str, hp.layers))} | {len(requests)} "
         f"| {args.batch_size} | {succ:.2f} | {reph:.2f} | {loc:.2f} "
@@ -123,6 +127,13 @@ def main() -> None:
         default=None,
         help="weight of the neighbour prompts in the value loss (default: the method's; 0: none)",
     )
+    ap.add_argument("--split", default="dev", help="dev, or train")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many records first (tuning)")
+    ap.add_argument(
+        "--neighbour-templates",
+        default=None,
+        help="value-loss neighbour prompts, '|'-separated, each with one {} for the subject",
+    )
     ap.add_argument("--value-chunk", type=int, default=None, help="requests per value pass")
     ap.add_argument(
         "--hp", action="append", default=[], help="FIELD=VALUE[,FIELD=VALUE] (one row each)"
@@ -138,7 +149,8 @@ def main() -> None:
     from memedit.models import load_model
 
     model, tok = load_model(args.model)
-    requests = load_requests(args.dataset, limit=args.limit)
+    requests = load_requests(args.dataset, split=args.split, limit=args.offset + args.limit)
+    requests = requests[args.offset :]
     args.batch_size = args.batch_size or len(requests)
     args.stats = KeyStatistics(progress=False)
     args.pre = []
@@ -162,6 +174,8 @@ def main() -> None:
     extra: dict[str, Any] = {}
     if args.neighbours is not None:
         extra = {"neighbour_factor": args.neighbours}
+    if args.neighbour_templates is not None:
+        extra["neighbour_templates"] = tuple(args.neighbour_templates.split("|"))
     rows = [(m, {**extra, **_options(h)}) for h in (args.hp or [""]) for m in methods]
     layers = sorted({x for m, o in rows for x in resolve_hparams(m, o, model).layers})
     t0 = time.perf_counter()
@@ -170,7 +184,8 @@ def main() -> None:
     stats_s = time.perf_counter() - t0
     unedited = score(model, tok, requests, args.pre)
     print(
-        f"model {args.model}; {args.dataset} dev, first {len(requests)} requests; torch threads "
+        f"model {args.model}; {args.dataset} {args.split}, {len(requests)} requests from "
+        f"#{args.offset}; torch threads "
         f"{torch.get_num_threads()}; statistics {args.stats.source.identity}, up to "
         f"{args.stats_tokens} tokens, layers {layers}: {args.stats.computed} computed, "
         f"{args.stats.loaded} loaded in {stats_s:.1f} s"
