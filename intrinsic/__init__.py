@@ -34,6 +34,7 @@ from .stats import (
     WikiBioPassages,
     default_statistics,
 )
+from .value_cache import ValueCache, value_cache
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -53,6 +54,7 @@ __all__ = [
     "RomeHparams",
     "TextList",
     "TextSource",
+    "ValueCache",
     "ValueHparams",
     "WeightDelta",
     "WikiBioPassages",
@@ -62,4 +64,5 @@ __all__ = [
     "method_names",
     "model_digest",
     "register_method",
+    "value_cache",
 ]

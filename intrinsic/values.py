@@ -211,11 +211,31 @@ def optimise_values(
     if not isinstance(chunk, int) or chunk < 1:
         msg = f"chunk must be a positive integer, got {chunk!r}"
         raise InvalidRequestError(msg, field="chunk", value=chunk)
-    out: list[ValueResult] = []
-    for start in range(0, len(requests), chunk):
-        part = requests[start : start + chunk]
-        out.extend(_optimise_chunk(model, tokenizer, part, module_name, prefixes, hp, start))
-    return out
+    from .value_cache import active_value_cache
+
+    cache = active_value_cache()
+    found: dict[int, ValueResult] = {}
+    keys: list[str] = []
+    if cache is not None:  # see value_cache.py: keyed by the exact weights, never stale
+        device = model_device(model)
+        keys = [cache.key(model, tokenizer, r, module_name, prefixes, hp) for r in requests]
+        for i, key in enumerate(keys):
+            hit = cache.get(key)
+            if hit is not None:
+                found[i] = ValueResult(
+                    hit.init.to(device), hit.target.to(device), hit.loss, hit.nll, hit.steps
+                )
+    todo = [i for i in range(len(requests)) if i not in found]
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        done = _optimise_chunk(
+            model, tokenizer, [requests[i] for i in part], module_name, prefixes, hp, part[0]
+        )
+        for i, value in zip(part, done, strict=True):
+            found[i] = value
+            if cache is not None:
+                cache.put(keys[i], value)
+    return [found[i] for i in range(len(requests))]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ as it is (see `_LiveSpill`), so every checkpoint compares against the unedited m
 
 Everything is appended to JSONL as it finishes, so an interrupted run resumes where it stopped:
 finished records (single) and finished checkpoints (sequential) are not recomputed; a
-sequential chain of edits is kept on disk and continued, not re-applied (`chain.py`). Records can
+sequential chain of edits is kept on disk and continued, not re-applied (`chain.py`), and an
+in-weight strategy's optimised values are kept with the run (``values/``, a few KB each,
+`memedit.intrinsic.value_cache`), so a chain re-applied where ``work/`` is gone (another
+checkout) skips the optimisation at every step whose weights match bit for bit; its lines then
+say ``values_reused`` (``edit_s_total`` leaves those values' time out). Records can
 be split across worker processes with torch.multiprocessing (one model per process, a GPU each
 where present); every worker writes its own file and the report merges them.
 """
@@ -526,6 +530,15 @@ def _run_sequential(
         chain = Chain.open(out / "work" / "chain" / safe_name(dataset) / safe_name(spec), em)
         target = chain.em
     bar = _progress(len(curve), f"{dataset} {spec} sequential (checkpoints)", progress)
+    # optimised values kept with the run: a later sitting re-applying the chain (on another
+    # checkout, without work/) skips the optimisation wherever the weights match bit for bit
+    values = contextlib.ExitStack()
+    cache = None
+    if isinstance(strategy, WrapperStrategy) and strategy.strategy == "weights":
+        from memedit.intrinsic.value_cache import value_cache
+
+        where = out / "values" / safe_name(dataset) / safe_name(spec)
+        cache = values.enter_context(value_cache(where))
     try:
         if chain is not None:
             chain.check([[c.index for c in g] for g in groups])
@@ -557,6 +570,8 @@ def _run_sequential(
                 "edit_batch": step,
                 "edit_s_total": round(edit_s, 4),
             }
+            if cache is not None and cache.hits:  # edit_s_total then leaves their time out
+                base["values_reused"] = cache.hits
             for c in cases[:t]:
                 if c.index in done.get(t, set()):
                     continue
@@ -569,6 +584,7 @@ def _run_sequential(
                 chain.record([c.index for c in group], _edit_ids(now), edit_s)
             bar.update(1)
     finally:
+        values.close()
         if chain is not None:
             chain.close()
         for a in reversed(applied):
