@@ -82,12 +82,16 @@ class AlphaEditHparams(SpreadHparams):
 
     nullspace_threshold: float = 1e-2
     l2_weight: float = 10.0
+    #: β: weight of the earlier edits' keys ``K_p K_pᵀ`` in the solve (the paper's 1); larger
+    #: keeps a sequence's earlier edits from being overwritten by later ones.
+    preserved_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
         check_float(owner, "nullspace_threshold", self.nullspace_threshold)
         check_float(owner, "l2_weight", self.l2_weight)
+        check_float(owner, "preserved_weight", self.preserved_weight)
         if self.l2_weight <= 0:
             msg = f"{owner}.l2_weight must be > 0, got {self.l2_weight!r}"
             raise InvalidRequestError(msg, field="l2_weight", value=self.l2_weight)
@@ -109,16 +113,17 @@ def alphaedit_update(
     basis: torch.Tensor,
     preserved: torch.Tensor | None,
     l2_weight: float,
+    preserved_weight: float = 1.0,
 ) -> torch.Tensor:
-    """``Δ = Rᵀ K B (Bᵀ (K_pᵀK_p + KᵀK) B + α I)⁻¹ Bᵀ`` (float64, (out, in)); rows of ``keys``
-    (n, in) and ``residuals`` (n, out) are requests, ``basis`` is ``B`` (in, m) and
-    ``preserved`` the accumulated ``K_pᵀK_p`` (in, in) or None."""
+    """``Δ = Rᵀ K B (Bᵀ (β K_pᵀK_p + KᵀK) B + α I)⁻¹ Bᵀ`` (float64, (out, in)); rows of
+    ``keys`` (n, in) and ``residuals`` (n, out) are requests, ``basis`` is ``B`` (in, m),
+    ``preserved`` the accumulated ``K_pᵀK_p`` (in, in) or None, β = ``preserved_weight``."""
     import torch
 
     b = basis.to(keys.device, torch.float64)
     cov = l2_weight * torch.eye(b.shape[1], dtype=torch.float64, device=b.device)
     if preserved is not None:
-        cov = cov + b.T @ preserved.to(b.device, torch.float64) @ b
+        cov = cov + preserved_weight * (b.T @ preserved.to(b.device, torch.float64) @ b)
     projected = keys.to(torch.float64) @ b  # the keys in B's coordinates
     return least_squares_update(projected, residuals, cov) @ b.T
 
@@ -262,7 +267,12 @@ def edit_alphaedit(ctx: EditContext) -> None:
 
     def solve(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         return alphaedit_update(
-            keys, residuals, bases[layer], state.preserved.get(layer), hp.l2_weight
+            keys,
+            residuals,
+            bases[layer],
+            state.preserved.get(layer),
+            hp.l2_weight,
+            hp.preserved_weight,
         )
 
     keys = spread_update(ctx, solve)
