@@ -170,7 +170,8 @@ def test_single_mode_scores_each_case_reverts_and_reports(
     assert summary["ZsRE"]["single"]["memory"]["n"] == 3
 
 
-def test_an_interrupted_run_resumes_without_recomputing(em: EditableModel, tmp_path: Path) -> None:
+def counting_strategy(name: str) -> list[int]:
+    """Register ``name``: the memory strategy, recording the index of each case it applies."""
     calls: list[int] = []
 
     class Counting(WrapperStrategy):
@@ -178,7 +179,12 @@ def test_an_interrupted_run_resumes_without_recomputing(em: EditableModel, tmp_p
             calls.append(int(requests[0].meta["index"]))
             return super().apply(em, requests)
 
-    register_strategy("counting", lambda method, opts: Counting("memory"))
+    register_strategy(name, lambda method, opts: Counting("memory"))
+    return calls
+
+
+def test_an_interrupted_run_resumes_without_recomputing(em: EditableModel, tmp_path: Path) -> None:
+    calls = counting_strategy("counting")
     cfg = config(tmp_path, strategies=("counting",), limit=2)
     evaluate(em, cfg, progress=False)
     assert calls == [0, 1]
@@ -200,14 +206,7 @@ def test_an_interrupted_run_resumes_without_recomputing(em: EditableModel, tmp_p
 def test_a_resume_with_another_worker_count_skips_what_any_rank_did(
     em: EditableModel, tmp_path: Path
 ) -> None:
-    calls: list[int] = []
-
-    class Counting(WrapperStrategy):
-        def apply(self, em: EditableModel, requests: Sequence[EditRequest]) -> Any:
-            calls.append(int(requests[0].meta["index"]))
-            return super().apply(em, requests)
-
-    register_strategy("counting2", lambda method, opts: Counting("memory"))
+    calls = counting_strategy("counting2")
     cfg = config(tmp_path, strategies=("counting2",), limit=4)
     for rank in (0, 1):  # a first sitting with two workers: ranks write their own files
         evaluate(em, cfg, rank=rank, world=2, progress=False)

@@ -28,10 +28,10 @@ from .tiny import tiny_llama
 TEXT = TextList(("The capital of France is Paris. The sky is blue.",) * 10, name="tiny")
 
 
-@pytest.fixture
-def em(tmp_path: Path) -> Iterator[EditableModel]:
+def tiny_wrapper(tmp_path: Path) -> EditableModel:
+    """A tiny random Llama wrapped with a hashing memory and its own key statistics."""
     model, tok = tiny_llama()
-    wrapped = EditableModel(
+    return EditableModel(
         model,
         tok,
         memory=EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder()),
@@ -41,6 +41,11 @@ def em(tmp_path: Path) -> Iterator[EditableModel]:
         model_name="tiny",
         statistics=KeyStatistics(TEXT, root=tmp_path / "stats", progress=False),
     )
+
+
+@pytest.fixture
+def em(tmp_path: Path) -> Iterator[EditableModel]:
+    wrapped = tiny_wrapper(tmp_path)
     yield wrapped
     wrapped.close()
 

@@ -86,25 +86,13 @@ def test_a_request_in_a_batch_hits_alone_and_the_rest_is_optimised(
 
 
 def test_a_sequential_run_re_applying_its_chain_hits_every_value(tmp_path: Path) -> None:
-    from memedit.editable import EditableModel, RouterConfig
     from memedit.evaluation import EvalConfig, evaluate, weights_digest
-    from memedit.stores.embedders import HashingEmbedder
-    from memedit.stores.memory import EditMemory
 
-    from .test_editable import MarkerPath, OverlapScope
     from .test_evaluation import FAST
+    from .test_evaluation_chain import tiny_wrapper
 
-    model, tok = tiny_llama()
-    em = EditableModel(
-        model,
-        tok,
-        memory=EditMemory.open(tmp_path / "mem", embedder=HashingEmbedder()),
-        scope=OverlapScope(),
-        counterfactual=MarkerPath(),
-        config=RouterConfig(max_new_tokens=4),
-        model_name="tiny",
-        statistics=KeyStatistics(TEXT, root=tmp_path / "stats", progress=False),
-    )
+    em = tiny_wrapper(tmp_path)
+    model = em.model
     spec = "weights:rome@layer=1;v_weight_decay=0.0;clamp_norm_factor=100.0;v_steps=4"
     out = tmp_path / "out"
     cfg = EvalConfig(
