@@ -13,6 +13,13 @@ is a miss, never a stale hit). Re-applying a chain whose every earlier step is r
 for bit therefore hits at every step; on a machine whose arithmetic differs the digests differ
 and the values are computed again.
 
+A caller that knows what determines the weights may set :attr:`ValueCache.context` instead:
+the key then holds that text in place of the weights digest. The evaluator's sequential mode
+sets it to the run (base model digest, configuration), the strategy and how many cases of the
+chain precede the edit, so a chain re-applied on a machine whose arithmetic differs in the last
+bits still reuses its values (each one the value optimised on that chain's state there, which
+differs from this machine's by rounding only).
+
 Files: ``<directory>/<key[:2]>/<key>.safetensors`` (the ``init`` and ``target`` vectors; loss,
 NLL and steps in the metadata), about 5 KB each for SmolLM2-135M.
 """
@@ -52,8 +59,10 @@ _ACTIVE: ContextVar[ValueCache | None] = ContextVar("memedit_value_cache", defau
 class ValueCache:
     """One directory of optimised values (see the module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], context: str | None = None) -> None:
         self.directory = Path(directory)
+        #: What determines the model's weights, in place of their digest (None: the digest).
+        self.context = context
         self.hits = 0
         self.misses = 0
 
@@ -72,7 +81,8 @@ class ValueCache:
         described = {
             "format": FORMAT,
             "version": VERSION,
-            "model": model_digest(model),
+            "model": model_digest(model) if self.context is None else None,
+            "context": self.context,
             "module": module_name,
             "request": [request.prompt, request.target_new, request.subject],
             "prefixes": list(prefixes),
@@ -137,9 +147,11 @@ def active_value_cache() -> ValueCache | None:
 
 
 @contextmanager
-def value_cache(directory: str | os.PathLike[str]) -> Iterator[ValueCache]:
+def value_cache(
+    directory: str | os.PathLike[str], context: str | None = None
+) -> Iterator[ValueCache]:
     """Within the block, optimised values are read from and written to ``directory``."""
-    cache = ValueCache(directory)
+    cache = ValueCache(directory, context)
     token = _ACTIVE.set(cache)
     try:
         yield cache

@@ -71,6 +71,19 @@ def test_a_repeated_edit_reads_its_value_back_and_writes_the_same_weights(
     assert len(list((tmp_path / "values").rglob("*.safetensors"))) == 3
 
 
+def test_a_context_stands_for_the_weights(tmp_path: Path, stats: KeyStatistics) -> None:
+    model, tok = tiny_llama()
+    with value_cache(tmp_path / "values", context="chain A after 0") as cache:
+        first = _update(model, tok, stats)
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)  # weights differ, the context says the same
+        _update(model, tok, stats)
+        cache.context = "chain A after 1"
+        _update(model, tok, stats)
+    assert (cache.misses, cache.hits) == (2, 1)
+    assert first.shape == model.get_parameter("model.layers.1.mlp.down_proj.weight").shape
+
+
 def test_a_request_in_a_batch_hits_alone_and_the_rest_is_optimised(
     tmp_path: Path, stats: KeyStatistics, optimised: list[int]
 ) -> None:

@@ -15,8 +15,9 @@ finished records (single) and finished checkpoints (sequential) are not recomput
 sequential chain of edits is kept on disk and continued, not re-applied (`chain.py`), and an
 in-weight strategy's optimised values are kept with the run (``values/``, a few KB each,
 `memedit.intrinsic.value_cache`), so a chain re-applied where ``work/`` is gone (another
-checkout) skips the optimisation at every step whose weights match bit for bit; its lines then
-say ``values_reused`` (``edit_s_total`` leaves those values' time out). Records can
+checkout, another machine) skips the optimisation: a value is keyed by the run, the strategy
+and the number of cases before it in the chain; its lines then say ``values_reused``
+(``edit_s_total`` leaves those values' time out). Records can
 be split across worker processes with torch.multiprocessing (one model per process, a GPU each
 where present); every worker writes its own file and the report merges them.
 """
@@ -552,6 +553,8 @@ def _run_sequential(
             t = start + len(group)
             if chain is not None and t <= chain.cases:
                 continue
+            if cache is not None:  # the chain's state before this batch (see value_cache.py)
+                cache.context = f"run {run} | {dataset} | {spec} | after {start} cases"
             t0 = time.perf_counter()
             now = strategy.apply(target, [r for c in group for r in c.requests])
             edit_s += time.perf_counter() - t0
