@@ -229,6 +229,22 @@ def test_a_resume_with_another_worker_count_skips_what_any_rank_did(
     assert summary["ZsRE"]["single"]["counting2"]["n"] == 5
 
 
+def test_a_batch_of_in_weight_edits_reverts_as_one(em: EditableModel) -> None:
+    assert em.model is not None
+    before = weights_digest(em.model)
+    strategy = WrapperStrategy("weights", "ft-m", {"layer": 1, "lr": 1e-2, "steps": 2})
+    applied = strategy.apply(
+        em,
+        [
+            EditRequest(prompt="Where did Leo Arons die?", target_new="Paris"),
+            EditRequest(prompt="Who wrote Faust?", target_new="Goethe"),
+        ],
+    )
+    assert weights_digest(em.model) != before
+    applied.revert()  # the first rollback undoes the batch; the second id is then done
+    assert weights_digest(em.model) == before and em.edits() == []
+
+
 def test_a_revert_that_leaves_weights_changed_is_caught(em: EditableModel, tmp_path: Path) -> None:
     class Sloppy:
         name = "sloppy"

@@ -59,9 +59,11 @@ class _WrapperApplied:
     ids: list[int]
 
     def revert(self) -> None:
-        # newest first, so layered edits (weights, adapters) unwind in order
+        # newest first, so layered edits (weights, adapters) unwind in order; rolling back one
+        # edit of an in-weight batch rolls the whole batch back, so its other ids are done
         while self.ids:
-            self.em.rollback(self.ids[-1])
+            if self.em.memory.get(self.ids[-1]).active:
+                self.em.rollback(self.ids[-1])
             self.ids.pop()
 
 
