@@ -1,4 +1,5 @@
-"""LoRA edits through peft: one low-rank adapter trained per edit, merged into the weights.
+"""LoRA edits through peft: one low-rank adapter trained per edit (or per batch), merged into
+the weights.
 
 Each edit gets its own peft LoRA (``peft.get_peft_model`` on the edited MLP output projection,
 by default the middle block's), trained with the model frozen until every target token has
@@ -9,6 +10,11 @@ The merged weight of a module is always recomputed as ``base + sum of its active
 edit-id order, in float32) from an exact copy of the base weight, so unmerging an edit (a
 rollback) gives bit for bit the weights the model would have without it, and the base weight
 itself once none is left. A non-finite merge is refused and nothing is written.
+
+With ``per_batch`` one LoRA is trained on all the requests of an edit call together (one
+loss over every target token); the batch's first edit holds the payload and the others a
+marker naming them members of it, and rolling back any of them rolls back the whole batch (the
+wrapper marks every member rolled back), as with an in-weight batch.
 
 The merged edits are part of the weights: they act on every query (``active()`` hooks nothing).
 """
@@ -51,13 +57,16 @@ log = logging.getLogger(__name__)
 
 _META = "memedit.json"
 FORMAT = 1
+#: The payload of a per-batch edit other than its batch's first (which holds the LoRA).
+MEMBER = b"memedit-lora-batch-member:1"
 
 
 @dataclass(frozen=True)
 class LoraHparams:
     """``layer``: the block whose MLP output projection gets the LoRA (None: ``layer_fraction``
     of the depth); ``rank`` / ``alpha``: peft's ``r`` / ``lora_alpha``; Adam with ``lr`` for at
-    most ``steps`` steps, stopping once every target token has probability >= ``stop_prob``."""
+    most ``steps`` steps, stopping once every target token has probability >= ``stop_prob``;
+    ``per_batch``: one LoRA for all the requests of an edit call instead of one each."""
 
     layer: int | None = None
     layer_fraction: float = 0.5
@@ -66,9 +75,11 @@ class LoraHparams:
     steps: int = 60
     lr: float = 1e-2
     stop_prob: float = 0.9
+    per_batch: bool = False
 
     def __post_init__(self) -> None:
         checks = {
+            "per_batch": isinstance(self.per_batch, bool),
             "layer_fraction": 0.0 <= self.layer_fraction <= 1.0,
             "rank": isinstance(self.rank, int) and self.rank >= 1,
             "alpha": math.isfinite(self.alpha) and self.alpha > 0.0,
@@ -109,12 +120,20 @@ class LoraAdapter:
         self._written: dict[str, torch.Tensor] = {}  # module -> the weight last merged in
         self._deltas: dict[int, dict[str, torch.Tensor]] = {}  # edit id -> module -> delta
         self._prepared: dict[bytes, dict[str, torch.Tensor]] = {}  # payload -> its deltas
+        self._members: dict[int, list[int]] = {}  # per-batch edit id -> its batch's other ids
 
     def edit_ids(self) -> list[int]:
-        return sorted(self._deltas)
+        return sorted([*self._deltas, *(m for ms in self._members.values() for m in ms)])
 
     def __len__(self) -> int:
-        return len(self._deltas)
+        return len(self.edit_ids())
+
+    def group(self, edit_id: int) -> list[int]:
+        """The edit ids rolled back with ``edit_id``: its whole batch when trained per batch."""
+        for first, members in self._members.items():
+            if edit_id == first or edit_id in members:
+                return [first, *members]
+        return [edit_id]
 
     @contextmanager
     def active(self) -> Iterator[LoraAdapter]:
@@ -128,16 +147,18 @@ class LoraAdapter:
         requests: Sequence[EditRequest],
         hparams: Any = None,
     ) -> list[bytes]:
-        """Train one LoRA per request on the current weights; nothing is merged here."""
+        """Train one LoRA per request (or, ``per_batch``, one for all of them: its payload
+        first, then :data:`MEMBER` for the rest) on the current weights; nothing is merged."""
         from memedit.intrinsic.hparams import from_options
 
         hp = from_options(self.hparams_type, hparams)
         module = hp.module_for(self.model)
-        out = []
-        for r in requests:
-            blob, deltas = self._train(tokenizer, r, hp, module)
+        groups = [list(requests)] if hp.per_batch else [[r] for r in requests]
+        out: list[bytes] = []
+        for group in groups:
+            blob, deltas = self._train(tokenizer, group, hp, module)
             self._prepared[blob] = deltas
-            out.append(blob)
+            out += [blob] + [MEMBER] * (len(group) - 1)
         return out
 
     def _peft_config(self, hp: Any, module: str) -> Any:
@@ -160,7 +181,11 @@ class LoraAdapter:
         """Called after every optimiser step (before the gradients are cleared)."""
 
     def _train(
-        self, tokenizer: PreTrainedTokenizerBase, request: EditRequest, hp: Any, module: str
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        hp: Any,
+        module: str,
     ) -> tuple[bytes, dict[str, torch.Tensor]]:
         import torch
 
@@ -168,7 +193,10 @@ class LoraAdapter:
 
         get_peft_model = _peft().get_peft_model
         device = next(self.model.parameters()).device
-        batch = target_batch(tokenizer, [(request.prompt, request.target_new)], device)
+        batch = target_batch(tokenizer, [(r.prompt, r.target_new) for r in requests], device)
+        what = repr(requests[0].prompt) + (
+            f" and {len(requests) - 1} more" if len(requests) > 1 else ""
+        )
         config = self._peft_config(hp, module)
         floor = math.log(hp.stop_prob)
         with frozen(self.model), _quiet_peft():  # every requires_grad flag restored after
@@ -180,7 +208,7 @@ class LoraAdapter:
                     loss, token_lp = self._loss(peft_model, batch)
                     if not torch.isfinite(loss):
                         bad = float(loss.detach())
-                        msg = f"{self.title} training of {request.prompt!r} diverged (loss {bad})"
+                        msg = f"{self.title} training of {what} diverged (loss {bad})"
                         raise NonFiniteAdapterError(msg)
                     if float(token_lp.detach().min()) >= floor or step == hp.steps:
                         break
@@ -188,9 +216,7 @@ class LoraAdapter:
                     loss.backward()
                     opt.step()
                     self._after_step(peft_model, step)
-                log.debug(
-                    "%s for %r: %d steps, loss %.4f", self.title, request.prompt, step, float(loss)
-                )
+                log.debug("%s for %s: %d steps, loss %.4f", self.title, what, step, float(loss))
                 deltas = _deltas_of(peft_model)
                 blob = _zip_peft(peft_model, {"format": FORMAT, "method": self.method})
             finally:
@@ -205,38 +231,59 @@ class LoraAdapter:
         if len(edit_ids) != len(payloads):
             msg = f"{len(edit_ids)} edit ids but {len(payloads)} payloads"
             raise InvalidRequestError(msg, field="payloads", value=len(payloads))
+        merged = set(self.edit_ids())
         for edit_id in edit_ids:
-            if edit_id in self._deltas:
+            if edit_id in merged:
                 msg = f"{self.title} edit {edit_id} is already merged"
                 raise InvalidRequestError(msg, field="edit_id", value=edit_id)
         new: dict[int, dict[str, torch.Tensor]] = {}
+        members: dict[int, list[int]] = {}
+        first: int | None = None
         for edit_id, blob in zip(edit_ids, payloads, strict=True):
+            if blob == MEMBER:  # a per-batch edit: it belongs to the last LoRA before it
+                if first is None:
+                    msg = f"{self.title} edit {edit_id} is a batch member without its batch's LoRA"
+                    raise IntegrityError(msg)
+                members.setdefault(first, []).append(edit_id)
+                continue
             prepared = self._prepared.pop(blob, None)
             new[edit_id] = prepared if prepared is not None else self._load_deltas(blob)
+            first = edit_id
         touched = {m for d in new.values() for m in d}
         self._check_untouched(touched)
         saved = {m: self._base[m] for m in touched if m in self._base}
         for module in touched:
             self._base.setdefault(module, self._weight(module).detach().clone())
         self._deltas.update(new)
+        self._members.update(members)
         try:
             self._merge(touched)
         except BaseException:
             for edit_id in new:
                 del self._deltas[edit_id]
+                self._members.pop(edit_id, None)
             self._merge(touched)  # back to exactly the weights before
             for module in touched - set(saved):
                 self._base.pop(module, None)
             raise
 
     def remove(self, edit_id: int) -> None:
-        deltas = self._deltas.get(edit_id)
+        """Unmerge ``edit_id`` (with the rest of its batch, when trained per batch)."""
+        first = self.group(edit_id)[0]
+        deltas = self._deltas.get(first)
         if deltas is None:
             msg = f"{self.title} edit {edit_id} is not merged into this model"
             raise AdapterError(msg)
         self._check_untouched(set(deltas))
-        del self._deltas[edit_id]
-        self._merge(set(deltas))
+        del self._deltas[first]
+        members = self._members.pop(first, [])
+        try:
+            self._merge(set(deltas))
+        except BaseException:
+            self._deltas[first] = deltas
+            if members:
+                self._members[first] = members
+            raise
 
     def _check_untouched(self, modules: set[str]) -> None:
         import torch

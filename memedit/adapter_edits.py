@@ -78,19 +78,23 @@ class AdapterEdits:
         return records
 
     def rollback(self, memory: EditMemory, record: EditRecord) -> EditRecord:
-        """Deactivate one adapter edit and mark it rolled back in the log."""
+        """Deactivate one adapter edit and mark it rolled back in the log; an edit trained
+        with others as one batch (``group``, e.g. a per-batch LoRA) goes with all of them."""
         adapter = self.adapters.get(record.method)
         if adapter is None or record.id not in adapter.edit_ids():
             msg = f"adapter edit {record.id} ({record.method}) is not active on this model"
             raise MemeditError(msg)
+        group = getattr(adapter, "group", None)
+        ids = list(group(record.id)) if callable(group) else [record.id]
+        blobs = [memory.payload(i) for i in ids]
         adapter.remove(record.id)
         try:
-            return memory.remove(record.id)
+            records = memory.remove_many(ids)
         except BaseException:
-            blob = memory.payload(record.id)
-            if blob is not None:
-                adapter.commit([record.id], [blob])
+            if all(b is not None for b in blobs):
+                adapter.commit(ids, [b for b in blobs if b is not None])
             raise
+        return records[ids.index(record.id)]
 
     def restore(self, memory: EditMemory) -> int:
         """Activate the logged adapter edits of a freshly opened memory; how many."""

@@ -18,6 +18,7 @@ import torch
 from memedit import EditRequest
 from memedit.adapters import AdapterError, LoraAdapter, NonFiniteAdapterError
 from memedit.editable import EditableModel, RouterConfig
+from memedit.errors import IntegrityError
 from memedit.metrics import completion_log_likelihood
 from memedit.stores.embedders import HashingEmbedder
 from memedit.stores.memory import EditMemory
@@ -136,3 +137,36 @@ def test_the_wrapper_logs_restores_and_rolls_back_lora_edits(tmp_path: Path) -> 
         em.rollback(records[0].id)
         em.rollback(records[1].id)
         assert _same(model, base) and em.edits() == []
+
+
+def test_a_per_batch_lora_edits_its_requests_together_and_rolls_back_as_one(
+    tmp_path: Path,
+) -> None:
+    from memedit.adapters.lora import MEMBER
+
+    model, tok = tiny_llama()
+    base = _state(model)
+    lls = [_ll(model, tok, r) for r in (REQ, REQ2)]
+    third = EditRequest(prompt="Who wrote Faust?", target_new="Goethe", subject="Faust")
+    with _wrap(model, tok, tmp_path / "mem") as em:
+        solo = em.edit(third, strategy="adapter", method="lora", **HP)[0]
+        after_solo = _state(model)
+        pair = em.edit([REQ, REQ2], strategy="adapter", method="lora", per_batch=True, **HP)
+        assert em.memory.payload(pair[1].id) == MEMBER  # one LoRA, held by the batch's first
+        assert em.memory.payload(pair[0].id) not in (None, MEMBER)
+        assert all(_ll(model, tok, r) > ll + 1.0 for r, ll in zip((REQ, REQ2), lls, strict=True))
+        edited = _state(model)
+        em.memory.save()
+        fresh, _ = tiny_llama()
+        with _wrap(fresh, tok, tmp_path / "mem") as again:  # restored: the batch and the solo
+            assert _same(fresh, edited)
+            assert {r.id for r in again.edits()} == {solo.id, pair[0].id, pair[1].id}
+        rolled = em.rollback(pair[1].id)  # a member: the whole batch goes
+        assert rolled.id == pair[1].id and not rolled.active
+        assert not em.memory.get(pair[0].id).active
+        assert _same(model, after_solo)
+        em.rollback(solo.id)
+        assert _same(model, base) and em.edits() == []
+    adapter = LoraAdapter(tiny_llama()[0])
+    with pytest.raises(IntegrityError, match="batch member without"):
+        adapter.commit([1], [MEMBER])
