@@ -832,7 +832,8 @@ class EditableModel:
             if self._adapter_edits is not None:
                 for adapter in reversed(list(self._adapter_edits.adapters.values())):
                     for edit_id in reversed(adapter.edit_ids()):
-                        adapter.remove(edit_id)
+                        if edit_id in adapter.edit_ids():  # not gone with its batch
+                            adapter.remove(edit_id)
         finally:
             self.memory.close()
 

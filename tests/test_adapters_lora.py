@@ -161,6 +161,10 @@ def test_a_per_batch_lora_edits_its_requests_together_and_rolls_back_as_one(
         with _wrap(fresh, tok, tmp_path / "mem") as again:  # restored: the batch and the solo
             assert _same(fresh, edited)
             assert {r.id for r in again.edits()} == {solo.id, pair[0].id, pair[1].id}
+        fresh, _ = tiny_llama()
+        again = _wrap(fresh, tok, tmp_path / "mem")
+        again.detach()  # takes both off, batch and solo, and keeps the log
+        assert _same(fresh, base)
         rolled = em.rollback(pair[1].id)  # a member: the whole batch goes
         assert rolled.id == pair[1].id and not rolled.active
         assert not em.memory.get(pair[0].id).active
