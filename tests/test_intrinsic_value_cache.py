@@ -5,6 +5,7 @@ written; a sequential evaluator run re-applying its chain hits on every step."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -136,8 +137,8 @@ def test_a_sequential_run_re_applying_its_chain_hits_every_value(tmp_path: Path)
             return real(*args, **kwargs)
 
         values._optimise_chunk = counting  # type: ignore[assignment]
-        try:
-            evaluate(em, cfg, progress=False)
+        try:  # the command now names another strategy too: the chain's values still hit
+            evaluate(em, dataclasses.replace(cfg, strategies=(spec, "memory")), progress=False)
         finally:
             values._optimise_chunk = real  # type: ignore[assignment]
         assert seen == []  # every value of the re-applied chain was read back

@@ -508,6 +508,8 @@ def _run_sequential(
     progress: bool,
     run: str,
     live: _LiveSpill | None = None,
+    *,
+    chain_run: str | None = None,
 ) -> None:
     path = records_path(out, dataset, spec, "sequential")
     _repair(path)
@@ -554,7 +556,7 @@ def _run_sequential(
             if chain is not None and t <= chain.cases:
                 continue
             if cache is not None:  # the chain's state before this batch (see value_cache.py)
-                cache.context = f"run {run} | {dataset} | {spec} | after {start} cases"
+                cache.context = f"run {chain_run or run} | {dataset} | {spec} | after {start} cases"
             t0 = time.perf_counter()
             now = strategy.apply(target, [r for c in group for r in c.requests])
             edit_s += time.perf_counter() - t0
@@ -641,8 +643,28 @@ def evaluate(
                         em, dataset, strategy, spec, mine, pre, config, out, rank, progress, run
                     )
                 else:
+                    # what the chain's states depend on: this dataset and strategy alone (the
+                    # same whichever others the command names; for a command of one dataset
+                    # and one strategy it is the run id itself)
+                    alone = {
+                        **manifest,
+                        "datasets": {dataset: manifest["datasets"][dataset]},
+                        "strategies": {spec: manifest["strategies"][spec]},
+                    }
+                    chain_run = _run_id(alone)
                     _run_sequential(
-                        em, dataset, strategy, spec, mine, pre, config, out, progress, run, live
+                        em,
+                        dataset,
+                        strategy,
+                        spec,
+                        mine,
+                        pre,
+                        config,
+                        out,
+                        progress,
+                        run,
+                        live,
+                        chain_run=chain_run,
                     )
         finally:
             if live is not None:
