@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
@@ -97,8 +98,8 @@ class ValueCache:
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str) -> ValueResult | None:
-        """The stored value of ``key`` (tensors on the CPU), or None."""
+    def get(self, key: str, device: torch.device | str = "cpu") -> ValueResult | None:
+        """The stored value of ``key`` (tensors on ``device``), or None."""
         from safetensors import safe_open
 
         from .values import ValueResult
@@ -113,7 +114,7 @@ class ValueCache:
                 log.warning("ignoring %s: not a %s file for this key", path, FORMAT)
                 self.misses += 1
                 return None
-            init, target = f.get_tensor("init"), f.get_tensor("target")
+            init, target = f.get_tensor("init").to(device), f.get_tensor("target").to(device)
         self.hits += 1
         return ValueResult(
             init, target, float(meta["loss"]), float(meta["nll"]), int(meta["steps"])

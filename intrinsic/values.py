@@ -216,15 +216,12 @@ def optimise_values(
     cache = active_value_cache()
     found: dict[int, ValueResult] = {}
     keys: list[str] = []
-    if cache is not None:  # see value_cache.py: keyed by the exact weights, never stale
-        device = model_device(model)
+    if cache is not None:  # see value_cache.py for what a key stands for
         keys = [cache.key(model, tokenizer, r, module_name, prefixes, hp) for r in requests]
         for i, key in enumerate(keys):
-            hit = cache.get(key)
+            hit = cache.get(key, model_device(model))
             if hit is not None:
-                found[i] = ValueResult(
-                    hit.init.to(device), hit.target.to(device), hit.loss, hit.nll, hit.steps
-                )
+                found[i] = hit
     todo = [i for i in range(len(requests)) if i not in found]
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]

@@ -463,7 +463,7 @@ def _run_single(
     path = records_path(out, dataset, spec, "single", rank)
     _repair(path)
     # done by any rank of any sitting: resuming with another --workers must not redo a record
-    stem = path.name.removesuffix(".jsonl").removesuffix(f".rank{rank}" if rank else "")
+    stem = records_path(out, dataset, spec, "single").stem
     done = {
         int(item["index"]) for other in rank_files(path.parent, stem) for item in _read_jsonl(other)
     }
@@ -534,7 +534,7 @@ def _run_sequential(
         target = chain.em
     bar = _progress(len(curve), f"{dataset} {spec} sequential (checkpoints)", progress)
     # optimised values kept with the run: a later sitting re-applying the chain (on another
-    # checkout, without work/) skips the optimisation wherever the weights match bit for bit
+    # checkout, without work/) reads them back instead of optimising (keyed per chain step)
     values = contextlib.ExitStack()
     cache = None
     if isinstance(strategy, WrapperStrategy) and strategy.strategy == "weights":
