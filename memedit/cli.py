@@ -178,7 +178,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         root=args.data_dir,
         split=args.split,
         verify_revert=args.verify_revert,
-        options=EvalOptions(fluency_tokens=args.fluency_tokens, generation=not args.no_generation),
+        options=EvalOptions(
+            fluency_tokens=args.fluency_tokens,
+            generation=not args.no_generation,
+            unrelated=args.unrelated,
+        ),
     )
     if not args.report_only:
         run_eval(config, progress=not args.quiet)
@@ -380,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-generation",
         action="store_true",
         help="teacher-forced metrics only (skip judging greedy generations)",
+    )
+    ev.add_argument(
+        "--unrelated",
+        default=None,
+        metavar="SOURCE",
+        help="fact datasets: also score locality on one unrelated question per record, the "
+        "WISE paper's ZsRE locality; nq = Natural Questions of the ZsRE train file from "
+        "record 64 on (0-63 are the methods' training pool)",
     )
     ev.add_argument("--verify-revert", default="sample", choices=["all", "sample", "none"])
     ev.add_argument("--report-only", action="store_true", help="rewrite reports from --out")

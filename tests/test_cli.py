@@ -53,3 +53,13 @@ def test_bad_edit_file_is_named_and_nothing_is_written(
 def test_unknown_model_name_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "pull", "no-such-model-xyz"]) == 1
     assert "no-such-model-xyz" in capsys.readouterr().err
+
+
+def test_eval_rejects_an_unknown_unrelated_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["eval", "--unrelated", "squad", "--out", str(out), "--limit", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "unrelated source 'squad'" in err and "['nq']" in err
+    assert not out.exists()  # refused before anything ran

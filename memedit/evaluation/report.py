@@ -134,6 +134,15 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
     )
     versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
     strategies = json.dumps(manifest.get("strategies", {}), sort_keys=True)
+    unrelated = manifest.get("unrelated")
+    extra = []
+    if unrelated:  # only runs with --unrelated (earlier reports keep their lines)
+        first, last = unrelated["records"]
+        extra = [
+            f"- unrelated locality: {unrelated['source']}, the questions of records "
+            f"{first}–{last} of {Path(unrelated['file']).name} "
+            f"(sha256 {unrelated['sha256'][:12]}…)"
+        ]
     return [
         f"- model: {manifest['model']} (weights sha256 {manifest['model_digest'][:12]}…); "
         f"scope: {manifest.get('scope')}; counterfactual: {manifest.get('counterfactual')}",
@@ -144,6 +153,7 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
         + f"; limit: {manifest.get('limit')}; seed: {manifest['seed']}",
         f"- strategies: {strategies}",
         f"- options: {json.dumps(manifest.get('options', {}), sort_keys=True)}",
+        *extra,
         f"- versions: {versions}",
     ]
 
@@ -237,7 +247,7 @@ def _plots(root: Path, summary: Mapping[str, Any], manifest: Mapping[str, Any]) 
             fig, ax = plt.subplots(figsize=(6, 4))
             for s, by_t in modes["sequential"].items():
                 ts = sorted(by_t, key=int)
-                for label in ("Edit Succ.", "Generalization", "Locality"):
+                for label in ("Edit Succ.", "Generalization", "Locality", "Locality (unrelated)"):
                     ys = [by_t[t]["rows"].get(label) for t in ts]
                     if any(y is not None for y in ys):
                         ax.plot(

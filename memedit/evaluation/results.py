@@ -23,7 +23,8 @@ __all__ = ["reference_tables", "write_results"]
 PAPER = "knowedit-reference-llama2-7b-chat.json"
 EASYEDIT_HERE = "knowedit-reference-easyedit-smollm2.json"
 
-#: our row label -> the paper's metric label
+#: our row label -> the paper's metric label ("Locality (unrelated)", the WISE paper's NQ
+#: locality, is a metric of its own: its reference columns stay empty)
 _PAPER_ROW = {
     "Edit Succ.": "Edit Succ.",
     "Portability": "Portability",

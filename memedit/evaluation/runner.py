@@ -47,6 +47,7 @@ from memedit.evaluation.strategies import (
     weights_digest,
 )
 from memedit.evaluation.suites import EvalOptions, suite_for
+from memedit.evaluation.unrelated import unrelated_manifest
 from memedit.paths import file_sha256
 
 if TYPE_CHECKING:
@@ -220,6 +221,7 @@ def _append(path: Path, item: dict[str, Any]) -> None:
 
 
 def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, Any]:
+    unrelated = config.options.unrelated
     datasets = {}
     for ds in config.datasets:
         path = resolve_dataset_file(ds, config.split, config.root)
@@ -240,6 +242,8 @@ def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, A
         "limit": config.limit,
         "seed": config.seed,
         "options": config.options.to_dict(),
+        # where --unrelated's probes come from (absent when off: earlier manifests hold)
+        **({"unrelated": unrelated_manifest(unrelated)} if unrelated is not None else {}),
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
@@ -257,6 +261,8 @@ def _run_id(manifest: dict[str, Any]) -> str:
     key = {k: manifest.get(k) for k in (*_MUST_MATCH, "datasets", "strategies")}
     if manifest.get("edit_batch", 1) != 1:  # absent from runs that edit one record at a time
         key["edit_batch"] = manifest["edit_batch"]
+    if "unrelated" in manifest:  # absent from runs without unrelated probes
+        key["unrelated"] = {k: manifest["unrelated"][k] for k in ("source", "sha256")}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -282,6 +288,10 @@ def _reconcile(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
             f"{fresh.get('edit_batch', 1)}); resume only the same run, or choose a new --out"
         )
         raise InvalidRequestError(msg, field="edit_batch", value=fresh.get("edit_batch", 1))
+    had_u, now_u = old.get("unrelated"), fresh.get("unrelated")
+    if had_u is not None and now_u is not None and had_u["sha256"] != now_u["sha256"]:
+        msg = f"{out}: the unrelated probes' file changed since the run began ({now_u['file']})"
+        raise InvalidRequestError(msg, field="unrelated", value=now_u["file"])
     for ds, info in fresh["datasets"].items():
         had = old["datasets"].get(ds)
         if had is not None and had["sha256"] != info["sha256"]:

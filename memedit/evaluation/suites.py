@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memedit.datasets import EvalCase
+from memedit.evaluation.unrelated import check_unrelated, unrelated_probe
 from memedit.types import Probe
 
 if TYPE_CHECKING:
@@ -35,22 +36,31 @@ class EvalOptions:
     text from the top 5 tokens (seeded per record here), None = greedy; ``generation`` also
     judges answers on real greedy generation (slower, more honest), each given its longest
     expected answer's length plus ``gen_margin`` new tokens, at most ``max_gen_tokens`` (high
-    enough for WikiBio's sentence-long targets)."""
+    enough for WikiBio's sentence-long targets). ``unrelated`` (fact datasets): also score
+    locality on one unrelated question per case, the WISE paper's ZsRE locality ("nq": Natural
+    Questions, `memedit.evaluation.unrelated`); None = KnowEdit's locality only."""
 
     fluency_tokens: int = 100
     fluency_top_k: int | None = 5
     generation: bool = True
     gen_margin: int = 4
     max_gen_tokens: int = 96
+    unrelated: str | None = None
+
+    def __post_init__(self) -> None:
+        check_unrelated(self.unrelated)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "fluency_tokens": self.fluency_tokens,
             "fluency_top_k": self.fluency_top_k,
             "generation": self.generation,
             "gen_margin": self.gen_margin,
             "max_gen_tokens": self.max_gen_tokens,
         }
+        if self.unrelated is not None:  # absent when off: earlier runs' manifests and ids hold
+            out["unrelated"] = self.unrelated
+        return out
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,9 @@ def _first_line(text: str) -> str:
 class FactSuite:
     """Fact datasets (ZsRE, WikiData_*, WikiBio, CounterFact, MQuAKE): KnowEdit's Edit Succ.,
     rephrase generalisation, Portability per kind, Locality per kind and Fluency, each also
-    judged on greedy generation when ``opts.generation``."""
+    judged on greedy generation when ``opts.generation``. With ``opts.unrelated``, also the
+    locality of one unrelated question per case (``unrelated/<kind>``, e.g. ``unrelated/NQ``),
+    scored as KnowEdit's Locality is, in calls of its own (KnowEdit's numbers do not change)."""
 
     name: str = "fact"
     rows: tuple[Row, ...] = (
@@ -150,11 +162,13 @@ class FactSuite:
         Row("Generalization", "rephrase"),
         Row("Portability", "portability"),
         Row("Locality", "locality"),
+        Row("Locality (unrelated)", "unrelated"),
         Row("Fluency", "fluency", scale=1.0),
         Row("Edit Succ. (generation)", "gen.edit_succ"),
         Row("Generalization (generation)", "gen.rephrase"),
         Row("Portability (generation)", "gen.portability"),
         Row("Locality (generation)", "gen.locality"),
+        Row("Locality (unrelated, generation)", "gen.unrelated"),
     )
 
     def pre(self, em: EditableModel, case: EvalCase, opts: EvalOptions) -> dict[str, Any]:
@@ -168,6 +182,11 @@ class FactSuite:
         }
         if opts.generation:
             out["locality_gen"] = _generate_all(em, [(p.prompt, p.answers) for p in probes], opts)
+        if opts.unrelated is not None:
+            u = unrelated_probe(opts.unrelated, case.index)
+            out["unrelated_tokens"] = em.predicted_tokens([u.prompt], [u.answers[0]])[0]
+            if opts.generation:
+                out["unrelated_gen"] = _generate_all(em, [(u.prompt, u.answers)], opts)[0]
         return out
 
     def score(
@@ -197,6 +216,13 @@ class FactSuite:
                 by_kind[probe.kind or "locality"].append(locality_agreement(before, after))
             m.update({f"locality/{k}": _mean(v) for k, v in by_kind.items()})
 
+        unrelated = None
+        if opts.unrelated is not None:
+            unrelated = unrelated_probe(opts.unrelated, case.index)
+            after = em.predicted_tokens([unrelated.prompt], [unrelated.answers[0]])[0]
+            agree = locality_agreement(pre["unrelated_tokens"], after)
+            m[f"unrelated/{unrelated.kind}"] = agree
+
         if opts.fluency_tokens > 0:
             m["fluency"] = fluency_of(em, reqs[0].prompt, opts)
 
@@ -225,6 +251,11 @@ class FactSuite:
                 same = _first_line(now).lower() == _first_line(before).lower()
                 by_kind[probe.kind or "locality"].append(float(same))
             m.update({f"gen.locality/{k}": _mean(v) for k, v in by_kind.items()})
+            if unrelated is not None:
+                ask = (unrelated.prompt, list(unrelated.answers))
+                now = _generate_all(em, [ask], opts)[0]
+                same = _first_line(now).lower() == _first_line(pre["unrelated_gen"]).lower()
+                m[f"gen.unrelated/{unrelated.kind}"] = float(same)
         return m
 
 
