@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["SideMemory", "WiseItem", "WiseLayout", "item_from_bytes", "item_to_bytes", "ties"]
 
 _MAGIC = b"MEMEDIT-WISE\x00"
-FORMAT = 1
+FORMAT = 2  # 2: the key router (items of format 1 are read as the activation router's)
+ROUTERS = ("activation", "keys")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class WiseLayout:
     seed: int
     density: float
     act_ratio: float
+    router: str = "activation"
+    router_module: str = ""  # the key router's module (its input is matched against the keys)
+    router_threshold: float = 0.0  # the key router's cosine threshold
+    norm_digest: str = ""  # the key router's standardisation (mean, std) every item shares
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
@@ -89,9 +94,37 @@ class WiseItem:
     acts: torch.Tensor  # (n, in) float32
     label: str
     mask_digest: str
+    keys: torch.Tensor | None = None  # key router: (k, in_router) unit vectors, float16
+    norm: torch.Tensor | None = None  # key router: (2, in_router) mean and std, float32
+    group: int = 0  # which of the memory's groups (own merged delta and keys) it belongs to
 
     def __post_init__(self) -> None:
         import torch
+
+        if not isinstance(self.group, int) or self.group < 0:
+            msg = f"WISE item group must be a non-negative integer, got {self.group!r}"
+            raise InvalidRequestError(msg, field="group", value=self.group)
+        if self.layout.router not in ROUTERS:
+            msg = f"unknown WISE router {self.layout.router!r}; choose one of {list(ROUTERS)}"
+            raise InvalidRequestError(msg, field="router", value=self.layout.router)
+        if self.layout.router == "keys":
+            k, n = self.keys, self.norm
+            if (
+                k is None
+                or n is None
+                or k.dim() != 2
+                or k.shape[0] < 1
+                or n.shape != (2, k.shape[1])
+            ):
+                got = None if k is None else tuple(k.shape)
+                msg = f"WISE key-router item for {self.label!r} needs keys and norm, got {got}"
+                raise InvalidRequestError(msg, field="keys", value=got)
+            if not (torch.isfinite(k).all() and torch.isfinite(n).all()):
+                msg = f"WISE item for {self.label!r} has NaN/Inf in its router keys; refused"
+                raise NonFiniteAdapterError(msg)
+            if norm_digest(n) != self.layout.norm_digest:
+                msg = f"WISE item for {self.label!r}: its router norm does not match its layout"
+                raise IntegrityError(msg)
 
         if not 0 <= self.shard < self.layout.shards:
             msg = f"shard {self.shard} outside 0..{self.layout.shards - 1}"
@@ -105,6 +138,23 @@ class WiseItem:
         if not (torch.isfinite(self.delta).all() and torch.isfinite(self.acts).all()):
             msg = f"WISE item for {self.label!r} has NaN/Inf in its change; refused"
             raise NonFiniteAdapterError(msg)
+
+
+def norm_digest(norm: torch.Tensor) -> str:
+    """Short digest of a key router's (mean, std), which every item of a memory shares."""
+    import torch
+
+    data = norm.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def standardise(acts: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Activations ``(..., in)`` standardised by ``norm`` (mean, std) and scaled to unit
+    length: the key router compares these by cosine."""
+    import torch
+
+    z = (acts.to(torch.float32) - norm[0]) / norm[1]
+    return z / z.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def ties(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
@@ -130,18 +180,36 @@ def ties(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
 
 @dataclass
 class SideMemory:
-    """The merged side memory of one module, built from items in edit-id order."""
+    """The merged side memory of one module, built from items in edit-id order.
+
+    Items fall into *groups* (``WiseItem.group``; one group unless the adapter's
+    ``group_size`` starts a new one every so many edits, the paper's WISE-Retrieve): each
+    group is merged into a delta of its own from its own shards, and the key router sends a
+    row to the group whose keys it matches best."""
 
     layout: WiseLayout
     items: dict[int, WiseItem] = field(default_factory=dict)
-    shard_deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # flat float32
-    delta: torch.Tensor | None = None  # (out, in) float32: W_side - W_main
+    shard_deltas: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # flat
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (out, in) float32
     threshold: float = float("inf")
     device: Any = None
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (K, in_router)
+    norm: torch.Tensor | None = None  # key router: (2, in_router)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def delta(self) -> torch.Tensor | None:
+        """Group 0's merged delta ``W_side - W_main`` (the whole memory's with one group)."""
+        return self.deltas.get(0)
+
+    def groups(self) -> list[int]:
+        return sorted(self.deltas)
+
+    def count(self, group: int) -> int:
+        return sum(1 for it in self.items.values() if it.group == group)
 
     def mask(self, shard: int) -> torch.Tensor:
         if shard not in self._masks:
@@ -163,77 +231,144 @@ class SideMemory:
             if item.mask_digest != self.layout.mask_digest(item.shard):
                 msg = f"WISE edit {edit_id}'s shard mask does not match this machine's"
                 raise IntegrityError(msg)
-        rebuild: set[int] = set()
+        rebuild: set[tuple[int, int]] = set()
         for edit_id, item in sorted(pairs, key=lambda p: p[0]):
-            newest = max((i for i, it in self.items.items() if it.shard == item.shard), default=-1)
+            slot = (item.group, item.shard)
+            newest = max((i for i, it in self.items.items() if _slot(it) == slot), default=-1)
             self.items[edit_id] = item
-            if edit_id < newest or item.shard in rebuild:
-                rebuild.add(item.shard)
+            if edit_id < newest or slot in rebuild:
+                rebuild.add(slot)
             else:
                 self._accumulate(item)
         self.items = dict(sorted(self.items.items()))
-        for shard in rebuild:
-            self._rebuild_shard(shard)
-        self.merge()
+        for slot in rebuild:
+            self._rebuild(slot)
+        self.merge({item.group for _, item in pairs})
 
     def remove(self, edit_id: int) -> WiseItem:
         item = self.items.pop(edit_id)
-        self._rebuild_shard(item.shard)
-        self.merge()
+        self._rebuild(_slot(item))
+        self.merge({item.group})
         return item
 
     def _accumulate(self, item: WiseItem) -> None:
         import torch
 
-        flat = self.shard_deltas.get(item.shard)
+        flat = self.shard_deltas.get(_slot(item))
         if flat is None:
             flat = torch.zeros(self.layout.numel(), dtype=torch.float32, device=self.device)
         change = torch.zeros_like(flat)
         change[self.mask(item.shard)] = item.delta.to(device=self.device, dtype=torch.float32)
-        self.shard_deltas[item.shard] = flat + change
+        self.shard_deltas[_slot(item)] = flat + change
 
-    def _rebuild_shard(self, shard: int) -> None:
-        self.shard_deltas.pop(shard, None)
+    def _rebuild(self, slot: tuple[int, int]) -> None:
+        self.shard_deltas.pop(slot, None)
         for item in self.items.values():
-            if item.shard == shard:
+            if _slot(item) == slot:
                 self._accumulate(item)
 
-    def merge(self) -> None:
-        """Recompute the merged delta and the routing threshold from the shards and items."""
+    def merge(self, groups: set[int] | None = None) -> None:
+        """Recompute the merged delta and keys of ``groups`` (None: every group) from their
+        shards and items, and the activation router's threshold."""
         import torch
 
-        parts = [self.shard_deltas[s] for s in sorted(self.shard_deltas)]
-        if not self.items or not parts:
-            self.delta, self.threshold = None, float("inf")
+        todo = {it.group for it in self.items.values()} | set(self.deltas)
+        for group in sorted(todo if groups is None else groups):
+            parts = [d for (g, _), d in sorted(self.shard_deltas.items()) if g == group]
+            members = [it for it in self.items.values() if it.group == group]
+            if not members or not parts:
+                self.deltas.pop(group, None)
+                self.keys.pop(group, None)
+                continue
+            merged = ties(parts, self.layout.density).view(self.layout.shape)
+            if not bool(torch.isfinite(merged).all()):
+                msg = f"merging the WISE shards at {self.layout.module} gives NaN/Inf; refused"
+                raise NonFiniteAdapterError(msg)
+            self.deltas[group] = merged
+            if self.layout.router == "keys":
+                self.keys[group] = torch.cat(
+                    [
+                        it.keys.to(self.device, torch.float32)
+                        for it in members
+                        if it.keys is not None
+                    ]
+                )
+        if not self.items:
+            self.threshold, self.norm = float("inf"), None
             return
-        merged = ties(parts, self.layout.density).view(self.layout.shape)
-        if not bool(torch.isfinite(merged).all()):
-            msg = f"merging the WISE shards at {self.layout.module} gives NaN/Inf; refused"
-            raise NonFiniteAdapterError(msg)
-        acts = torch.cat([it.acts.to(self.device, torch.float32) for it in self.items.values()])
-        lowest = float((acts @ merged.T).norm(dim=-1).min())
-        self.delta, self.threshold = merged, self.layout.act_ratio * lowest
+        lowest = min(
+            float(
+                (it.acts.to(self.device, torch.float32) @ self.deltas[it.group].T)
+                .norm(dim=-1)
+                .min()
+            )
+            for it in self.items.values()
+        )
+        self.threshold = self.layout.act_ratio * lowest
+        first = next(iter(self.items.values()))
+        if self.layout.router == "keys" and first.norm is not None:
+            self.norm = first.norm.to(self.device, torch.float32)
+
+    def group_sims(self, acts: torch.Tensor) -> torch.Tensor:
+        """Key router: each token's best cosine with the keys of each group, ``(..., groups)``
+        in the order of :meth:`groups` (standardised activations at the router's module)."""
+        import torch
+
+        groups = self.groups()
+        if self.norm is None or not groups:
+            return torch.full((*acts.shape[:-1], 0), -1.0, device=acts.device)
+        z = standardise(acts, self.norm)
+        return torch.stack([(z @ self.keys[g].T).amax(dim=-1) for g in groups], dim=-1)
+
+    def match(self, acts: torch.Tensor) -> torch.Tensor:
+        """Key router: whether each token's activation ``(..., in_router)`` at the router's
+        module is within the cosine threshold of some item's key (standardised)."""
+        sims = self.group_sims(acts)
+        if sims.shape[-1] == 0:
+            return sims.new_zeros(sims.shape[:-1], dtype=bool)  # type: ignore[call-overload]
+        return sims.amax(dim=-1) >= self.layout.router_threshold
 
     def scores(self, acts: torch.Tensor) -> torch.Tensor:
-        """``||a (W_side - W_main)||`` per token for activations of shape (..., in)."""
+        """``||a (W_side - W_main)||`` per token for activations of shape (..., in) (group 0)."""
         import torch
 
         if self.delta is None:
             return torch.zeros(acts.shape[:-1], device=acts.device)
         return (acts.to(torch.float32) @ self.delta.T).norm(dim=-1)
 
-    def apply(self, acts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The module's output ``out`` with every token routed to the side memory (score above
-        the threshold) given the side memory's output; ``out`` itself when none is."""
+    def apply(
+        self,
+        acts: torch.Tensor,
+        out: torch.Tensor,
+        route: torch.Tensor | None = None,
+        group: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The module's output ``out`` with every routed token given the side memory's
+        output; ``out`` itself when none is. Routed: ``route`` (the key router's decision, a
+        bool per token, with ``group``: each token's group as an index into :meth:`groups`,
+        default the first) when given, else the activation router's (score above the
+        threshold, group 0)."""
         import torch
 
-        if self.delta is None:
+        if not self.deltas or (route is not None and not bool(route.any())):
             return out
-        side = acts.to(torch.float32) @ self.delta.T
-        hit = side.norm(dim=-1) > self.threshold
-        if not bool(hit.any()):
-            return out
-        return torch.where(hit[..., None], out + side.to(out.dtype), out)
+        if route is None:
+            if self.delta is None:
+                return out
+            side = acts.to(torch.float32) @ self.delta.T
+            hit = side.norm(dim=-1) > self.threshold
+            if not bool(hit.any()):
+                return out
+            return torch.where(hit[..., None], out + side.to(out.dtype), out)
+        if group is None:
+            group = torch.zeros(route.shape, dtype=torch.long, device=route.device)
+        for index, g in enumerate(self.groups()):
+            sel = route & (group == index)
+            if not bool(sel.any()):
+                continue
+            side = acts.to(torch.float32) @ self.deltas[g].T
+            out = torch.where(sel[..., None], out + side.to(out.dtype), out)
+        return out
 
     def copy(self) -> SideMemory:
         """An independent copy (the tensors cloned) to train a batch on."""
@@ -241,9 +376,11 @@ class SideMemory:
             self.layout,
             dict(self.items),
             {s: d.clone() for s, d in self.shard_deltas.items()},
-            None if self.delta is None else self.delta.clone(),
+            {g: d.clone() for g, d in self.deltas.items()},
             self.threshold,
             self.device,
+            keys={g: k.clone() for g, k in self.keys.items()},
+            norm=self.norm,
         )
 
     def to(self, device: Any) -> None:
@@ -252,8 +389,14 @@ class SideMemory:
         self.device = device
         self._masks.clear()
         self.shard_deltas = {s: d.to(device) for s, d in self.shard_deltas.items()}
-        if self.delta is not None:
-            self.delta = self.delta.to(device)
+        self.deltas = {g: d.to(device) for g, d in self.deltas.items()}
+        self.keys = {g: k.to(device) for g, k in self.keys.items()}
+        if self.norm is not None:
+            self.norm = self.norm.to(device)
+
+
+def _slot(item: WiseItem) -> tuple[int, int]:
+    return (item.group, item.shard)
 
 
 def item_to_bytes(item: WiseItem) -> bytes:
@@ -272,7 +415,12 @@ def item_to_bytes(item: WiseItem) -> bytes:
         "seed": lay.seed,
         "density": lay.density,
         "act_ratio": lay.act_ratio,
+        "router": lay.router,
+        "router_module": lay.router_module,
+        "router_threshold": lay.router_threshold,
+        "norm_digest": lay.norm_digest,
         "shard": item.shard,
+        "group": item.group,
         "label": item.label,
         "mask_digest": item.mask_digest,
     }
@@ -280,6 +428,9 @@ def item_to_bytes(item: WiseItem) -> bytes:
         "delta": item.delta.detach().to("cpu", torch.float16).contiguous(),
         "acts": item.acts.detach().to("cpu", torch.float32).contiguous(),
     }
+    if item.keys is not None and item.norm is not None:
+        tensors["keys"] = item.keys.detach().to("cpu", torch.float16).contiguous()
+        tensors["norm"] = item.norm.detach().to("cpu", torch.float32).contiguous()
     head = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     return _MAGIC + len(head).to_bytes(8, "little") + head + save(tensors)
 
@@ -295,8 +446,8 @@ def item_from_bytes(blob: bytes) -> WiseItem:
     n = int.from_bytes(blob[len(_MAGIC) : start], "little")
     try:
         meta = json.loads(bytes(blob[start : start + n]).decode("utf-8"))
-        if meta.get("format") != FORMAT:
-            msg = f"WISE item format {meta.get('format')!r}; expected {FORMAT}"
+        if meta.get("format") not in (1, FORMAT):
+            msg = f"WISE item format {meta.get('format')!r}; expected {FORMAT} (or 1)"
             raise IntegrityError(msg)
         tensors = load(bytes(blob[start + n :]))
         layout = WiseLayout(
@@ -307,13 +458,19 @@ def item_from_bytes(blob: bytes) -> WiseItem:
             seed=int(meta["seed"]),
             density=float(meta["density"]),
             act_ratio=float(meta["act_ratio"]),
+            router=str(meta.get("router", "activation")),
+            router_module=str(meta.get("router_module", "")),
+            router_threshold=float(meta.get("router_threshold", 0.0)),
+            norm_digest=str(meta.get("norm_digest", "")),
         )
         parts = (int(meta["shard"]), tensors["delta"], tensors["acts"], str(meta["label"]))
         digest = str(meta["mask_digest"])
+        keys, norm = tensors.get("keys"), tensors.get("norm")
+        group = int(meta.get("group", 0))
     except IntegrityError:
         raise
     except Exception as exc:  # json, safetensors or a missing field
         msg = f"serialised WISE item is corrupt: {exc}"
         raise IntegrityError(msg) from exc
     shard, delta, acts, label = parts
-    return WiseItem(layout, shard, delta, acts, label, digest)
+    return WiseItem(layout, shard, delta, acts, label, digest, keys, norm, group)

@@ -6,26 +6,47 @@ router on activations consults only for in-scope inputs.
   block (``layer_fraction`` 0.8 of the depth; the paper edits block 26 of LLaMA-2-7B's 32). The
   model's own weights are never written: the delta lives beside them and acts through hooks
   only while :meth:`WiseAdapter.active` is entered.
-* **Routing.** A token's activation score is ``||a (W_side - W_main)||`` with ``a`` the
-  projection's input at that token. Tokens scoring above the threshold (``act_ratio`` times the
-  lowest score of any committed edit's in-scope tokens) are answered by the side memory, every
-  other token by the main memory; per token, so it needs no state across generation steps.
+* **Routing** (``router``). ``"keys"`` (the default): each edit keeps *keys*, the
+  activations at the input of a lower MLP output projection (``router_fraction`` 0.47 of the
+  depth) at its subject's tokens, standardised by the memory's per-feature mean and standard
+  deviation over generic text (`NORM_TEXTS`); a token whose standardised activation has cosine
+  >= ``router_threshold`` with some key sends its row to the side memory from that token on
+  (in generation, for the tokens decoded after it too); a row that matches no key runs bit for
+  bit as on the unedited model. ``"activation"`` is the paper's rule: a token goes to the side
+  memory when ``||a (W_side - W_main)||`` exceeds ``act_ratio`` times the lowest score of any
+  committed edit's in-scope tokens, per token. On SmolLM2-135M that score follows the
+  activation's norm, so any entity token of an unrelated question crosses the threshold
+  (BENCHMARKS.md); standardised subject keys at a middle layer separate them.
 * **Training** (Adam on the edit's change alone, the model frozen): the target's negative
-  log-likelihood with the edit's in-scope tokens (from the subject's last token on, also after
-  a few context prefixes) routed to the side memory, plus the paper's margin losses on the
-  activation scores: in-scope tokens above ``beta``, irrelevant tokens (built-in unrelated
-  texts and the tokens before the subject) below ``alpha``, and the gap between the two at
-  least ``gamma``. It stops once every target token has probability >= ``stop_prob`` and every
-  margin holds.
+  log-likelihood with the edit's in-scope tokens (from the subject on, also after a few
+  context prefixes) routed to the side memory; the paper's margin losses on the activation
+  scores (in-scope tokens above ``beta``, irrelevant tokens below ``alpha``, the gap at least
+  ``gamma``), the irrelevant samples being built-in texts plus ``irrelevant_rows`` unrelated
+  questions per edit from the first ``irrelevant_size`` records of ``irrelevant_dataset``'s
+  *train* file (for ZsRE, MEND's Natural Questions, as the paper's; evaluation probes come from
+  later records, `memedit.evaluation.unrelated`); and two protections the paper does not have,
+  ``generic_weight`` x the mean ``||a change||^2`` over generic text (the key statistics of
+  the layer, `memedit.intrinsic.stats`, top ``protect_rank`` directions) and ``edit_weight``
+  x the same over the committed edits' in-scope activations (exact second moment), each
+  relative to the main memory's output scale: a new edit then barely moves what the side
+  memory answers for unrelated text and for the earlier edits. Without the second, earlier
+  edits are overwritten as edits accumulate (on SmolLM2 the 1,536 activation features are far
+  from orthogonal). It stops once every target token has probability >= ``stop_prob`` (and,
+  with the activation router, every margin holds).
 * **Knowledge sharding.** Edits go round-robin to ``shards`` shards; an edit's change is
   confined to its shard's random mask (``mask_ratio`` of the entries) and the shards are merged
   by TIES into the one side memory that is served (``side_memory.py``). Each edit is trained
-  against that merged memory, so what it learned is what is served.
+  against that merged memory.
+* **Groups** (``group_size``, key router only; like the paper's WISE-Retrieve). Every
+  ``group_size`` edits start a fresh side memory (its own shards and merge); a routed row is
+  served by the group whose keys it matched best. One memory holding hundreds of edits trades
+  the earliest ones away even with ``edit_weight`` (on ZsRE: 93.7 edit accuracy after 100
+  edits in one group, 97.4 in groups of 50; BENCHMARKS.md).
 
-Rolling an edit back recomputes shards, merge and threshold from the remaining edits (exactly
-the previous state when it was the newest). Deviations from the paper: routing is per token
-(the paper scores the whole input), every edit is merged as soon as it is committed (the paper
-merges once per shard round), and the irrelevant samples are a fixed built-in set.
+Rolling an edit back recomputes shards, merge, keys and threshold from the remaining edits
+(exactly the previous state when it was the newest). Deviations from the paper: the key router
+and the two protections above, routing from a token on (the paper scores the whole input),
+and every edit merged as soon as it is committed (the paper merges once per shard round).
 """
 
 from __future__ import annotations
@@ -38,7 +59,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memedit.errors import InvalidRequestError
-from memedit.hooks import edit_output_given_input
+from memedit.hooks import edit_input, edit_output_given_input
 
 from .api import (
     AdapterError,
@@ -47,7 +68,16 @@ from .api import (
     register_adapter,
     resolve_layer,
 )
-from .side_memory import SideMemory, WiseItem, WiseLayout, item_from_bytes, item_to_bytes
+from .side_memory import (
+    ROUTERS,
+    SideMemory,
+    WiseItem,
+    WiseLayout,
+    item_from_bytes,
+    item_to_bytes,
+    norm_digest,
+    standardise,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -67,22 +97,54 @@ IRRELEVANT = (
     "Who wrote the novel discussed in class yesterday?",
     "Flour, sugar, two eggs and some butter.",
 )
+#: Generic text whose activations at the key router's module standardise it (mean, std per
+#: feature); questions and statements on unrelated topics, written for this purpose.
+NORM_TEXTS = (
+    "The weather today is mild with a light breeze.",
+    "How many legs does a spider have?",
+    "Who wrote the novel discussed in class yesterday?",
+    "Flour, sugar, two eggs and some butter.",
+    "The train to the coast leaves every hour from platform four.",
+    "What is the boiling point of water at sea level?",
+    "She planted tomatoes and basil in the garden last spring.",
+    "Which planet is closest to the sun?",
+    "The committee will announce its decision after the holidays.",
+    "In which year did the first modern Olympic Games take place?",
+    "He repaired the old bicycle with parts from a friend's shop.",
+    "Who painted the ceiling of the chapel in the story?",
+    "The museum opens at nine and closes at five on weekdays.",
+    "What language is spoken in the northern part of the country?",
+    "A small bakery on the corner sells bread and pastries.",
+    "How long does it take to drive across the desert?",
+    "The orchestra rehearsed the symphony for three weeks.",
+    "Which team won the championship two seasons ago?",
+    "The river floods the valley almost every winter.",
+    "What is the name of the main character in the film?",
+)
 #: Context prefixes the edit is also trained after (generalisation beyond the exact prompt).
 PREFIXES = ("", "Answer the question. ", "Here is a fact. ", "Q: ")
+_MAX_TOKENS = 48  # irrelevant texts are cut to this many tokens
 
 
 @dataclass(frozen=True)
 class WiseHparams:
     """``layer``: the block whose MLP output projection gets the side memory (None:
     ``layer_fraction`` of the depth); ``shards`` / ``mask_ratio`` / ``seed``: knowledge
-    sharding; ``density``: TIES trimming (1.0 keeps every trained entry); ``act_ratio``: the
-    routing threshold as a fraction of the lowest edit score; ``alpha`` / ``beta`` /
-    ``gamma``: the score margins, as fractions of the main memory's median output norm over
-    the irrelevant texts' tokens (one setting fits every layer and model);
-    ``margin_weight``: their weight in the loss; ``prefixes``:
-    how many of the built-in context prefixes (the bare prompt first) the edit is trained
-    after; Adam with ``lr`` for at most ``steps`` steps, stopping once every target token has
-    probability >= ``stop_prob`` and the margins hold."""
+    sharding; ``density``: TIES trimming (1.0 keeps every trained entry); ``router``:
+    ``"keys"`` or ``"activation"`` (module docstring); ``router_layer`` (None:
+    ``router_fraction`` of the depth, never above ``layer``) and ``router_threshold``: the key
+    router's module and cosine threshold; ``act_ratio``: the activation router's threshold as
+    a fraction of the lowest edit score; ``alpha`` / ``beta`` / ``gamma``: the score margins,
+    as fractions of the main memory's median output norm over the irrelevant texts' tokens
+    (one setting fits every layer and model); ``margin_weight``: their weight in the loss;
+    ``irrelevant_dataset`` / ``irrelevant_size`` / ``irrelevant_rows``: the unrelated
+    questions added to the irrelevant samples (0 rows or size: built-in texts only);
+    ``generic_weight`` / ``edit_weight``: the two protections (0 turns one off), with
+    ``protect_rank`` directions of the key statistics from ``stats_tokens`` tokens;
+    ``group_size``: edits per side memory with the key router (0: one memory for all);
+    ``prefixes``: how many of the built-in context prefixes (the bare prompt first) the edit
+    is trained after (and, with the key router, keyed in); Adam with ``lr`` for at most
+    ``steps`` steps, stopping once every target token has probability >= ``stop_prob``."""
 
     layer: int | None = None
     layer_fraction: float = 0.8
@@ -99,6 +161,18 @@ class WiseHparams:
     steps: int = 40
     lr: float = 0.05
     stop_prob: float = 0.9
+    irrelevant_size: int = 64
+    irrelevant_dataset: str = "ZsRE"
+    irrelevant_rows: int = 4
+    generic_weight: float = 10.0
+    edit_weight: float = 100.0
+    protect_rank: int = 256
+    stats_tokens: int = 100_000
+    router: str = "keys"
+    router_layer: int | None = None
+    router_fraction: float = 0.47
+    router_threshold: float = 0.72
+    group_size: int = 50
 
     def __post_init__(self) -> None:
         def pos(v: float) -> bool:
@@ -119,8 +193,34 @@ class WiseHparams:
             "steps": isinstance(self.steps, int) and self.steps >= 0,
             "lr": pos(self.lr),
             "stop_prob": 0.0 < self.stop_prob < 1.0,
+            "irrelevant_size": isinstance(self.irrelevant_size, int) and self.irrelevant_size >= 0,
+            "irrelevant_rows": isinstance(self.irrelevant_rows, int) and self.irrelevant_rows >= 0,
+            "generic_weight": math.isfinite(self.generic_weight) and self.generic_weight >= 0.0,
+            "edit_weight": math.isfinite(self.edit_weight) and self.edit_weight >= 0.0,
+            "protect_rank": isinstance(self.protect_rank, int) and self.protect_rank >= 1,
+            "stats_tokens": isinstance(self.stats_tokens, int) and self.stats_tokens >= 1,
+            "router": self.router in ROUTERS,
+            "router_layer": self.router_layer is None
+            or (isinstance(self.router_layer, int) and self.router_layer >= 0),
+            "router_fraction": 0.0 <= self.router_fraction <= 1.0,
+            "router_threshold": -1.0 <= self.router_threshold <= 1.0,
+            "group_size": isinstance(self.group_size, int) and self.group_size >= 0,
         }
         check_hparams("WiseHparams", self.layer, checks, self)
+
+    def router_module_for(self, model: nn.Module) -> str:
+        """The module whose input the key router reads: an MLP output projection at or below
+        the side memory's (the decision must be made before the side memory runs)."""
+        from memedit.intrinsic.compute import mlp_out_name
+        from memedit.spec import n_layers
+
+        count = n_layers(model)
+        side = resolve_layer("WiseHparams", self.layer, self.layer_fraction, count)
+        layer = resolve_layer("WiseHparams", self.router_layer, self.router_fraction, count)
+        if layer > side:
+            msg = f"WiseHparams.router_layer ({layer}) must not be above the side memory's ({side})"
+            raise InvalidRequestError(msg, field="router_layer", value=layer)
+        return mlp_out_name(model, layer)
 
     def module_for(self, model: nn.Module) -> str:
         from memedit.intrinsic.compute import mlp_out_name
@@ -138,6 +238,13 @@ class WiseAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.memories: dict[str, SideMemory] = {}
+        self._generic: dict[tuple[int, str, int, int], torch.Tensor] = {}
+        self._norms: dict[str, torch.Tensor] = {}  # norm digest -> (mean, std)
+        self._rows: dict[str, torch.Tensor] = {}  # key router: per memory, rows routed so far
+        self._route: dict[str, torch.Tensor] = {}  # key router: this forward's decisions
+        self._group: dict[str, torch.Tensor] = {}  # key router: each token's group (index)
+        self._fresh = True  # the current forward starts new sequences (no cache)
+        self._valid: torch.Tensor | None = None  # this forward's attention mask
         self._where: dict[int, str] = {}  # edit id -> module of its item
 
     # ------------------------------------------------------------------ state
@@ -179,8 +286,8 @@ class WiseAdapter:
                 memory.add_many(pairs)
             except BaseException:
                 memory.items = saved
-                for shard in {it.shard for _, it in pairs}:
-                    memory._rebuild_shard(shard)
+                for slot in {(it.group, it.shard) for _, it in pairs}:
+                    memory._rebuild(slot)
                 memory.merge()
                 raise
             self.memories[module] = memory
@@ -204,15 +311,86 @@ class WiseAdapter:
         """Route every hooked module's tokens between main and side memory while the block
         runs; the hooks are removed on exit, also on an exception. No edit: no hook at all."""
         from contextlib import ExitStack
+        from functools import partial
 
         with ExitStack() as stack:
-            for module, memory in self.memories.items():
-                if len(memory):
-                    memory.to(self._device())
+            live = {m: mem for m, mem in self.memories.items() if len(mem)}
+            if any(mem.layout.router == "keys" for mem in live.values()):
+                stack.enter_context(self._sequences())
+            for module, memory in live.items():
+                memory.to(self._device())
+                if memory.layout.router == "keys":
+                    decide = partial(self._decide, module, memory)
+                    stack.enter_context(edit_input(self.model, memory.layout.router_module, decide))
+                    routed = partial(self._routed, module, memory)
+                    stack.enter_context(edit_output_given_input(self.model, module, routed))
+                else:
                     stack.enter_context(edit_output_given_input(self.model, module, memory.apply))
             yield self
 
-    # ------------------------------------------------------------------ training
+    @contextmanager
+    def _sequences(self) -> Iterator[None]:
+        """A pre-hook on the model that tells the key router, before each forward, whether it
+        starts new sequences (no cache, or an empty one) or continues cached ones (a
+        generation step), and gives it the attention mask (padding is never routed)."""
+        import torch
+
+        def pre(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+            cached = False
+            for value in kwargs.values():
+                length = getattr(value, "get_seq_length", None)
+                if callable(length) and int(length()) > 0:
+                    cached = True
+            self._fresh = not cached
+            mask = kwargs.get("attention_mask")
+            self._valid = mask if isinstance(mask, torch.Tensor) else None
+
+        handle = self.model.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._rows.clear()
+            self._route.clear()
+            self._group.clear()
+            self._fresh, self._valid = True, None
+
+    def _decide(self, module: str, memory: SideMemory, acts: torch.Tensor) -> torch.Tensor:
+        """Key router, at its module's input: a row goes to the side memory from its first
+        token that matches a key on (and, in a generation step, if it went there before), to
+        the group whose keys it has matched best so far."""
+        import torch
+
+        if acts.dim() != 3:  # an unbatched call: route nothing
+            self._route.pop(module, None)
+            return acts
+        sims = memory.group_sims(acts)  # (batch, seq, groups)
+        if self._valid is not None and self._valid.shape[0] == acts.shape[0]:
+            valid = self._valid[:, -acts.shape[1] :].bool()
+            sims = torch.where(valid[..., None], sims, torch.full_like(sims, -1.0))
+        if sims.shape[-1] == 0:
+            self._route.pop(module, None)
+            return acts
+        best = sims.cummax(dim=1).values  # the row's best match so far, per group
+        rows = self._rows.get(module)
+        if not self._fresh and rows is not None and rows.shape == (best.shape[0], best.shape[2]):
+            best = torch.maximum(best, rows[:, None, :])
+        self._rows[module] = best[:, -1, :]
+        value, group = best.max(dim=-1)
+        self._route[module] = value >= memory.layout.router_threshold
+        self._group[module] = group
+        return acts
+
+    def _routed(
+        self, module: str, memory: SideMemory, acts: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        import torch
+
+        route, group = self._route.get(module), self._group.get(module)
+        if route is None or route.shape != acts.shape[:-1]:
+            route = torch.zeros(acts.shape[:-1], dtype=torch.bool, device=acts.device)
+        return memory.apply(acts, out, route, group)
+
     def prepare(
         self,
         tokenizer: PreTrainedTokenizerBase,
@@ -238,22 +416,60 @@ class WiseAdapter:
         next_id = max(scratch.items, default=0) + 1
         out = []
         for r in requests:
-            shard = len(scratch) % layout.shards
-            item = self._train(tokenizer, r, hp, scratch, shard)
+            group = _next_group(scratch, hp.group_size if layout.router == "keys" else 0)
+            shard = scratch.count(group) % layout.shards
+            item = self._train(tokenizer, r, hp, scratch, shard, group)
             out.append(item_to_bytes(item))
             scratch.add_many([(next_id, item_from_bytes(out[-1]))])
             next_id += 1
         return out
 
     def _layout(self, tokenizer: PreTrainedTokenizerBase, module: str, hp: WiseHparams) -> Any:
+        """The layout of the memory these settings build, with the key router's
+        standardisation: the existing memory's when it has the same settings (so a memory
+        restored elsewhere keeps its own), else measured on `NORM_TEXTS`."""
+        import dataclasses
+
         from memedit.intrinsic.compute import capture, encode, pad_right
 
         ids, mask = pad_right([encode(tokenizer, "a")], 0, self._device())
         inp, outp = capture(self.model, module, ids, mask)
         shape = (int(outp.shape[-1]), int(inp.shape[-1]))
-        return WiseLayout(
+        layout = WiseLayout(
             module, shape, hp.shards, hp.mask_ratio, hp.seed, hp.density, hp.act_ratio
         )
+        if hp.router == "activation":
+            return layout
+        layout = dataclasses.replace(
+            layout,
+            router="keys",
+            router_module=hp.router_module_for(self.model),
+            router_threshold=hp.router_threshold,
+        )
+        memory = self.memories.get(module)
+        if memory is not None and memory.norm is not None:
+            same = dataclasses.replace(memory.layout, norm_digest="")
+            if same == layout:
+                self._norms[memory.layout.norm_digest] = memory.norm
+                return memory.layout
+        norm = self._norm(tokenizer, layout.router_module)
+        self._norms[norm_digest(norm)] = norm
+        return dataclasses.replace(layout, norm_digest=norm_digest(norm))
+
+    def _norm(self, tokenizer: PreTrainedTokenizerBase, module: str) -> torch.Tensor:
+        """(mean, std) of the router module's input features over `NORM_TEXTS` (the first
+        token of each text left out: it is every sequence's attention sink)."""
+        import torch
+
+        from memedit.intrinsic.compute import capture, encode, pad_right
+
+        seqs = [encode(tokenizer, t) for t in NORM_TEXTS]
+        ids, mask = pad_right(seqs, 0, self._device())
+        inp, _ = capture(self.model, module, ids, mask)
+        valid = mask.bool().clone()
+        valid[:, 0] = False
+        acts = inp[valid].to(torch.float32)
+        return torch.stack([acts.mean(0), acts.std(0).clamp(min=1e-6)]).cpu()
 
     def _train(
         self,
@@ -262,6 +478,7 @@ class WiseAdapter:
         hp: WiseHparams,
         memory: SideMemory,
         shard: int,
+        group: int = 0,
     ) -> WiseItem:
         import torch
 
@@ -276,23 +493,32 @@ class WiseAdapter:
         lay = memory.layout
         prefixes = PREFIXES[: hp.prefixes]
         pairs = [(p + request.prompt, request.target_new) for p in prefixes]
-        extra = [encode(tokenizer, t) for t in IRRELEVANT]
+        texts = list(IRRELEVANT)
+        pool = _irrelevant_pool(hp.irrelevant_dataset, hp.irrelevant_size)
+        if pool and hp.irrelevant_rows:
+            start = len(memory) * hp.irrelevant_rows
+            texts += [pool[(start + j) % len(pool)] for j in range(hp.irrelevant_rows)]
+        extra = [encode(tokenizer, t)[:_MAX_TOKENS] for t in texts]
+        protect = self._protection(tokenizer, hp, memory, group)
         batch = target_batch(
             tokenizer, pairs, device, extra_rows=extra, extra_keep=[0] * len(extra)
         )
         route = torch.zeros(batch.ids.shape, dtype=torch.bool, device=device)
+        spans = [_subject_span(tokenizer, p, request) for p in prefixes]
         for i, p in enumerate(prefixes):
             end = len(encode(tokenizer, f"{p}{request.prompt} {request.target_new}"))
-            route[i, lookup_index(tokenizer, p, request) : end] = True
+            # the key router sends a row to the side memory from its first matching token on
+            first = spans[i][0] if lay.router == "keys" else lookup_index(tokenizer, p, request)
+            route[i, first:end] = True
         irrelevant = batch.mask.bool() & ~route
-        base = memory.delta.flatten() if memory.delta is not None else None
+        keys = self._keys(batch.ids, batch.mask, spans, lay) if lay.router == "keys" else None
+        base = memory.deltas[group].flatten() if group in memory.deltas else None
         index = memory.mask(shard)
         change = torch.zeros(index.numel(), device=device, requires_grad=True)
-        seen: dict[str, torch.Tensor] = {}
+        seen: dict[str, torch.Tensor] = {"flat": torch.zeros(lay.numel(), device=device)}
 
         def side(acts: torch.Tensor) -> torch.Tensor:
-            flat = torch.zeros(lay.numel(), device=device).index_put((index,), change)
-            total = flat if base is None else base + flat
+            total = seen["flat"] if base is None else base + seen["flat"]
             return acts.to(torch.float32) @ total.view(lay.shape).T
 
         def replace(acts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -312,6 +538,7 @@ class WiseAdapter:
             _upper(self.model, tokenizer, lay.module, batch.ids, batch.mask) as run,
         ):
             for steps in range(hp.steps + 1):
+                seen["flat"] = torch.zeros(lay.numel(), device=device).index_put((index,), change)
                 logits = run(batch.keep)
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 token_lp = logp[batch.tgt_index, batch.tgt_token]
@@ -323,11 +550,16 @@ class WiseAdapter:
                     + torch.relu(hp.gamma - (s_in.min() - s_out.max()))
                 )
                 loss = -token_lp.mean() + hp.margin_weight * margin
+                if protect:
+                    mat = seen["flat"].view(lay.shape)
+                    for weight, factor in protect:
+                        loss = loss + weight * (mat @ factor).square().sum() / seen["scale"] ** 2
                 if not torch.isfinite(loss):
                     bad = float(loss.detach())
                     msg = f"WISE training of {request.prompt!r} diverged (loss {bad})"
                     raise NonFiniteAdapterError(msg)
-                done = float(token_lp.detach().min()) >= log_floor and float(margin.detach()) == 0.0
+                held = lay.router == "keys" or float(margin.detach()) == 0.0
+                done = float(token_lp.detach().min()) >= log_floor and held
                 if done or steps == hp.steps:
                     break
                 opt.zero_grad()
@@ -347,12 +579,132 @@ class WiseAdapter:
             float(s_out.detach().max()),
         )
         acts = seen["acts"][0][route[0]].to(torch.float32)  # the bare prompt's in-scope tokens
+        norm = self._norms.get(lay.norm_digest) if keys is not None else None
         return WiseItem(
-            lay, shard, result, acts, request.target_new.strip(), lay.mask_digest(shard)
+            lay,
+            shard,
+            result,
+            acts,
+            request.target_new.strip(),
+            lay.mask_digest(shard),
+            keys,
+            norm,
+            group,
         )
+
+    def _keys(
+        self, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int]], lay: WiseLayout
+    ) -> torch.Tensor:
+        """The key router's keys of one edit: the router module's input at the subject's
+        tokens of each context-prefixed prompt, standardised (float16, unit length)."""
+        import torch
+
+        from memedit.intrinsic.compute import capture
+
+        inp, _ = capture(self.model, lay.router_module, ids[: len(spans)], mask[: len(spans)])
+        norm = self._norms[lay.norm_digest].to(inp.device)
+        rows = [inp[i, a : b + 1] for i, (a, b) in enumerate(spans)]
+        return standardise(torch.cat(rows), norm).to(torch.float16).cpu()
+
+    def _protection(
+        self, tokenizer: PreTrainedTokenizerBase, hp: WiseHparams, memory: SideMemory, group: int
+    ) -> list[tuple[float, torch.Tensor]]:
+        """(weight, F) pairs whose ``||delta F||^2`` the training keeps small: F F^T
+        approximates the second moment of the side memory's inputs over generic text
+        (``generic_weight``; the key statistics of the layer, top ``protect_rank``
+        eigenvectors) and over the committed edits' in-scope tokens (``edit_weight``; at most
+        ``protect_rank`` of them, evenly spaced), each the mean of ``a a^T``."""
+        import torch
+
+        out: list[tuple[float, torch.Tensor]] = []
+        device = self._device()
+        if hp.generic_weight > 0:
+            key = (id(self.model), memory.layout.module, hp.stats_tokens, hp.protect_rank)
+            factor = self._generic.get(key)
+            if factor is None:
+                from memedit.intrinsic.stats import default_statistics
+
+                layer = _layer_of(self.model, memory.layout.module)
+                mom2 = default_statistics().second_moment(
+                    self.model, tokenizer, layer, hp.stats_tokens
+                )
+                evals, evecs = torch.linalg.eigh(mom2.to(torch.float64))
+                top = evals.argsort(descending=True)[: hp.protect_rank]
+                factor = (evecs[:, top] * evals[top].clamp(min=0).sqrt()).to(torch.float32)
+                self._generic[key] = factor
+            out.append((hp.generic_weight, factor.to(device)))
+        members = [it for it in memory.items.values() if it.group == group]
+        if hp.edit_weight > 0 and members:
+            acts = torch.cat([it.acts.to(device, torch.float64) for it in members])
+            mom = acts.T @ acts / acts.shape[0]
+            ridge = 1e-6 * float(mom.diagonal().mean()) + 1e-12
+            eye = torch.eye(mom.shape[0], dtype=mom.dtype, device=device)
+            factor = torch.linalg.cholesky(mom + ridge * eye).to(torch.float32)
+            out.append((hp.edit_weight, factor))
+        return out
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _next_group(memory: SideMemory, size: int) -> int:
+    """The group a new edit joins: the newest one, or a new one once it holds ``size`` edits
+    (``size`` 0: always group 0)."""
+    newest = max((it.group for it in memory.items.values()), default=0)
+    return newest + 1 if size and memory.count(newest) >= size else newest
+
+
+def _subject_span(
+    tokenizer: PreTrainedTokenizerBase, prefix: str, request: EditRequest
+) -> tuple[int, int]:
+    """Token indices (first, last) of the subject in ``encode(prefix + prompt)``, never the
+    first token (every sequence's attention sink); the prompt's last token for a request
+    without a subject (or a tokenizer without character offsets: the subject's last token)."""
+    from memedit.intrinsic.compute import lookup_index
+
+    last = max(lookup_index(tokenizer, prefix, request), 1)
+    if not request.subject or not getattr(tokenizer, "is_fast", False):
+        return last, last
+    text = prefix + request.prompt
+    start = len(prefix) + request.prompt.index(request.subject)
+    end = start + len(request.subject)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+    first = max(hits[0], 1) if hits else last
+    return min(first, last), last
+
+
+def _layer_of(model: nn.Module, module: str) -> int:
+    from memedit.spec import ensure_spec
+
+    return int(module.removeprefix(ensure_spec(model).layers + ".").split(".")[0])
+
+
+_POOLS: dict[tuple[str, int], tuple[str, ...]] = {}
+
+
+def _irrelevant_pool(dataset: str, n: int) -> tuple[str, ...]:
+    """Unrelated questions with their answers: the locality probes of the first ``n`` records
+    of ``dataset``'s *train* file (for ZsRE, MEND's NQ questions, the paper's irrelevant
+    samples); empty (logged) when the file is missing."""
+    if n == 0:
+        return ()
+    if (dataset, n) not in _POOLS:
+        from memedit.datasets import load_requests
+        from memedit.errors import MemeditError
+
+        try:
+            records = load_requests(dataset, split="train", limit=n)
+        except (MemeditError, OSError) as exc:
+            log.warning("WISE: no %s train file (%s); built-in irrelevant texts only", dataset, exc)
+            records = []
+        texts = [
+            f"{p.prompt} {p.answers[0] if p.answers else ''}".strip()
+            for r in records
+            for p in r.locality
+        ]
+        _POOLS[(dataset, n)] = tuple(texts)
+    return _POOLS[(dataset, n)]
 
 
 #: Model types whose decoder runs unchanged on a slice of its blocks fed ``inputs_embeds``

@@ -31,9 +31,12 @@ are counted. Two states per method:
   target token as in training (keys from the FFN inputs at those positions, scaled so
   ``a . k`` is 1 there), every bias 1000 so that every neuron fires at every token (the
   most work the patch path can do: both products at each token) and every value 0, so the
-  answers stay the model's. An upper bound on T-Patcher's cost, not a trained state. LoRA
-  and AdaLoRA (merged: no work at inference) and WISE (one merged side memory, a fixed-size
-  product per token whatever the number of edits) have no large state.
+  answers stay the model's. An upper bound on T-Patcher's cost, not a trained state. WISE
+  (key router): M edits in groups of ``group_size``, each with its real keys (the router
+  module's standardised input at the subject's tokens of its prefixed prompts) and a zero
+  change, so the answers stay the model's while every query is matched against all M edits'
+  keys and any row that matches runs its group's side product. LoRA and AdaLoRA (merged: no
+  work at inference) have no large state.
 """
 
 from __future__ import annotations
@@ -255,10 +258,49 @@ def _tpatcher_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]
     return adapter, note
 
 
+def _wise_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
+    import torch
+
+    from memedit.adapters import WiseAdapter, WiseHparams
+    from memedit.adapters.side_memory import WiseItem, item_to_bytes
+    from memedit.adapters.wise import PREFIXES, _subject_span
+    from memedit.intrinsic.compute import encode, pad_right
+
+    hp = WiseHparams()
+    adapter = WiseAdapter(model)
+    module = hp.module_for(model)
+    lay = adapter._layout(tok, module, hp)
+    device = next(model.parameters()).device
+    payloads = []
+    t0 = time.perf_counter()
+    for i, r in enumerate(records):
+        prefixes = PREFIXES[: hp.prefixes]
+        ids, mask = pad_right([encode(tok, p + r.prompt) for p in prefixes], 0, device)
+        spans = [_subject_span(tok, p, r) for p in prefixes]
+        keys = adapter._keys(ids, mask, spans, lay)
+        group, shard = i // hp.group_size, (i % hp.group_size) % lay.shards
+        delta = torch.zeros(lay.nnz(), dtype=torch.float16)
+        acts = torch.zeros((1, lay.shape[1]))
+        norm = adapter._norms[lay.norm_digest]
+        item = WiseItem(
+            lay, shard, delta, acts, r.target_new, lay.mask_digest(shard), keys, norm, group
+        )
+        payloads.append(item_to_bytes(item))
+    adapter.commit(list(range(1, len(payloads) + 1)), payloads)
+    [memory] = adapter.memories.values()
+    n_keys = sum(int(k.shape[0]) for k in memory.keys.values())
+    note = (
+        f"{len(payloads)} edits in {len(memory.groups())} groups of {hp.group_size}, {n_keys} keys "
+        f"at {lay.router_module}, every change 0 ({time.perf_counter() - t0:.1f} s to capture)"
+    )
+    return adapter, note
+
+
 #: methods whose inference work grows with the number of edits: how to build a large state
 LARGE: dict[str, Callable[[Any, Any, list[Any]], tuple[Any, str]]] = {
     "grace": _grace_large,
     "tpatcher": _tpatcher_large,
+    "wise": _wise_large,
 }
 
 

@@ -34,7 +34,19 @@ from memedit.stores.memory import EditMemory
 from .test_editable import MarkerPath, OverlapScope
 from .tiny import tiny_llama
 
-HP = {"layer": 1, "steps": 150, "lr": 0.05, "margin_weight": 0.1}
+# the paper's rule: activation router, no protections, one group (the key router has its own
+# tests in test_adapters_wise_keys.py)
+HP = {
+    "layer": 1,
+    "steps": 150,
+    "lr": 0.05,
+    "margin_weight": 0.1,
+    "router": "activation",
+    "irrelevant_size": 0,
+    "generic_weight": 0.0,
+    "edit_weight": 0.0,
+    "group_size": 0,
+}
 REQ = EditRequest(prompt="Where did Leo Arons die?", target_new="Paris", subject="Leo Arons")
 REQ2 = EditRequest(prompt="The capital of France is", target_new="Berlin", subject="France")
 LAYOUT = WiseLayout("m", (2, 3), shards=2, mask_ratio=0.5, seed=0, density=1.0, act_ratio=0.5)
@@ -272,7 +284,10 @@ def test_adapter_strategy_edits_persists_and_rolls_back(
 
 def test_the_evaluator_runs_adapter_wise_without_a_change(em: EditableModel, tiny: Any) -> None:
     model, tok = tiny
-    strategy = parse_strategy("adapter:wise@layer=1;steps=150;lr=0.05;margin_weight=0.1")
+    strategy = parse_strategy(
+        "adapter:wise@layer=1;steps=150;lr=0.05;margin_weight=0.1;router_layer=0;"
+        "router_threshold=0.9;stats_tokens=4000;protect_rank=4"
+    )
     assert strategy.name == "adapter:wise"
     before = _logits(model, tok, REQ.prompt)
     applied = strategy.apply(em, [REQ, REQ2])

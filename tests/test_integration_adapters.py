@@ -158,17 +158,12 @@ def test_wise_flips_a_zsre_answer_follows_its_rephrasing_and_rolls_back_exactly(
     assert em.edits() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WISE's router does not yet keep unrelated prompts on the main memory on SmolLM2: "
-    "tokens of other subjects' questions score above the threshold (ZsRE Locality 48.75 at "
-    "T = 10); remove this mark once it does",
-)
 def test_wise_leaves_unrelated_prompts_on_the_main_memory(
     em: EditableModel, parts: dict[str, Any]
 ) -> None:
     req, other = load_requests("ZsRE", limit=3)[::2]
-    probes = [other.prompt, "The capital of France is"]  # unrelated: another subject
+    nq = "nq question: who is the quarterback for the green bay packers"  # the WISE paper's kind
+    probes = [other.prompt, "The capital of France is", nq]  # unrelated: other subjects
     base_probe = [_logits(parts, p) for p in probes]
     [rec] = em.edit(req, strategy="adapter", method="wise")
     try:

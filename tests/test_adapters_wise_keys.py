@@ -1,0 +1,214 @@
+"""WISE's key router (memedit.adapters, ``router="keys"``) on tiny random models: a token goes
+to the side memory when its standardised activation at the router's module is within the
+cosine threshold of an edit's key (the subject's tokens), and its row stays there from that
+token on, across cached generation steps too; rows that match no key run bit for bit as on the
+unedited model. Items carry their keys and the memory's standardisation through the edit log
+(format 2; format-1 items still read, as the activation router's), a reopened memory routes
+and answers the same, and rollback restores the state exactly."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from memedit import EditRequest, InvalidRequestError
+from memedit.adapters import WiseAdapter
+from memedit.adapters.side_memory import (
+    SideMemory,
+    WiseItem,
+    WiseLayout,
+    item_from_bytes,
+    item_to_bytes,
+    norm_digest,
+    standardise,
+)
+from memedit.errors import IntegrityError
+from memedit.metrics import teacher_forced_accuracy
+
+from .tiny import tiny_llama
+
+HP = {
+    "layer": 1,
+    "steps": 150,
+    "lr": 0.05,
+    "margin_weight": 0.1,
+    "router": "keys",
+    "router_layer": 0,
+    "router_threshold": 0.9,
+    "stats_tokens": 4_000,  # the defaults' protections on, from a small key statistic;
+    "protect_rank": 4,  # of the tiny model's 128 features (the default 256 covers them all)
+}
+REQ = EditRequest(prompt="Where did Leo Arons die?", target_new="Paris", subject="Leo Arons")
+REQ2 = EditRequest(prompt="The capital of France is", target_new="Berlin", subject="France")
+UNRELATED = "The sky is blue."
+
+
+def _keys_item(keys: list[list[float]], norm: torch.Tensor, value: float = 1.0) -> WiseItem:
+    layout = WiseLayout("m", (2, 3), 1, 0.5, 0, 1.0, 0.5, "keys", "r", 0.9, norm_digest(norm))
+    delta = torch.full((layout.nnz(),), value, dtype=torch.float16)
+    k = standardise(torch.tensor(keys), norm).to(torch.float16)
+    return WiseItem(layout, 0, delta, torch.ones(1, 3), "x", layout.mask_digest(0), k, norm)
+
+
+def test_match_compares_standardised_activations_with_the_keys() -> None:
+    norm = torch.stack([torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 2.0, 1.0])])
+    mem = SideMemory(_keys_item([[2.0, 2.0, 0.0]], norm).layout)
+    mem.add_many([(1, _keys_item([[2.0, 2.0, 0.0]], norm))])
+    acts = torch.tensor([[[2.0, 2.0, 0.0], [4.0, 4.0, 0.0], [1.0, 0.0, 5.0]]])
+    # (1, 1, 0) standardised; the same direction scaled; an orthogonal one
+    assert mem.match(acts).tolist() == [[True, True, False]]
+    out = torch.zeros(1, 3, 2)
+    route = mem.match(acts)
+    routed = mem.apply(acts, out, route)
+    assert (routed[0, :2] != 0).any() and torch.equal(routed[0, 2], out[0, 2])
+    nothing = torch.zeros(1, 3, dtype=torch.bool)
+    assert mem.apply(acts, out, nothing).data_ptr() == out.data_ptr()  # untouched
+
+
+def test_key_items_round_trip_and_are_checked() -> None:
+    norm = torch.stack([torch.zeros(3), torch.ones(3)])
+    item = _keys_item([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], norm)
+    back = item_from_bytes(item_to_bytes(item))
+    assert back.layout == item.layout and back.layout.router == "keys"
+    assert back.keys is not None and torch.equal(back.keys, item.keys)
+    assert back.norm is not None and torch.equal(back.norm, norm)
+    with pytest.raises(InvalidRequestError, match="keys"):  # a key-router item without keys
+        WiseItem(item.layout, 0, item.delta, item.acts, "x", item.mask_digest)
+    with pytest.raises(IntegrityError, match="norm"):  # a norm other than its layout's
+        WiseItem(item.layout, 0, item.delta, item.acts, "x", item.mask_digest, item.keys, norm + 1)
+
+
+def test_format_1_items_still_read_as_the_activation_router() -> None:
+    layout = WiseLayout("m", (2, 3), 2, 0.5, 0, 1.0, 0.5)
+    item = WiseItem(
+        layout,
+        1,
+        torch.ones(layout.nnz(), dtype=torch.float16),
+        torch.ones(1, 3),
+        "x",
+        layout.mask_digest(1),
+    )
+    blob = item_to_bytes(item)
+    magic = b"MEMEDIT-WISE\x00"
+    n = int.from_bytes(blob[len(magic) : len(magic) + 8], "little")
+    meta = json.loads(blob[len(magic) + 8 : len(magic) + 8 + n])
+    for key in ("router", "router_module", "router_threshold", "norm_digest"):
+        del meta[key]
+    meta["format"] = 1
+    head = json.dumps(meta).encode()
+    old = magic + len(head).to_bytes(8, "little") + head + blob[len(magic) + 8 + n :]
+    back = item_from_bytes(old)
+    assert back.layout == layout and back.keys is None
+
+
+# ---------------------------------------------------------------------------- adapter
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    return tiny_llama()
+
+
+def _logits(model: Any, tok: Any, text: str) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def _hooks(model: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_keys_route_the_edits_and_leave_unmatched_rows_bit_for_bit(tiny: Any) -> None:
+    model, tok = tiny
+    adapter = WiseAdapter(model)
+    before = {t: _logits(model, tok, t) for t in (REQ.prompt, UNRELATED)}
+    payloads = adapter.prepare(tok, [REQ, REQ2], HP)
+    adapter.commit([1, 2], payloads)
+    [memory] = adapter.memories.values()
+    assert memory.layout.router == "keys"
+    assert memory.layout.router_module == "model.layers.0.mlp.down_proj"
+    assert memory.groups() == [0] and memory.keys[0].shape[0] >= 2
+    targets = ["Paris", "Berlin"]
+    with adapter.active():
+        assert teacher_forced_accuracy(model, tok, [REQ.prompt, REQ2.prompt], targets) == [1.0] * 2
+        assert not torch.equal(_logits(model, tok, REQ.prompt), before[REQ.prompt])
+        assert torch.equal(_logits(model, tok, UNRELATED), before[UNRELATED])  # no key matched
+        # the edit's own prompt matches from its subject's first token on
+        ids = tok(REQ.prompt, return_tensors="pt")["input_ids"]
+        model(input_ids=ids)
+        route = adapter._route["model.layers.1.mlp.down_proj"][0]
+        assert not route[0] and bool(route[-1]) and route.int().diff().ge(0).all()
+    assert _hooks(model) == 0 and adapter._route == {} and adapter._rows == {}
+
+
+def test_cached_generation_keeps_a_routed_row_on_the_side_memory(tiny: Any) -> None:
+    model, tok = tiny
+    adapter = WiseAdapter(model)
+    adapter.commit([1], adapter.prepare(tok, [REQ], HP))
+    ids = tok(REQ.prompt, return_tensors="pt")
+    target = tok(" Paris", add_special_tokens=False)["input_ids"]
+    with adapter.active(), torch.no_grad():
+        cached = model.generate(**ids, max_new_tokens=len(target), do_sample=False, use_cache=True)
+    # every target token, also those decoded from the cache, comes from the side memory
+    assert cached[0, ids["input_ids"].shape[1] :].tolist() == target
+
+
+def test_a_reopened_memory_routes_and_answers_the_same_and_rollback_is_exact(tiny: Any) -> None:
+    model, tok = tiny
+    adapter = WiseAdapter(model)
+    payloads = adapter.prepare(tok, [REQ, REQ2], HP)
+    adapter.commit([1, 2], payloads)
+    with adapter.active():
+        edited = _logits(model, tok, REQ.prompt)
+    fresh, _ = tiny_llama()
+    again = WiseAdapter(fresh)
+    again.commit([1, 2], payloads)
+    with again.active():
+        assert torch.equal(_logits(fresh, tok, REQ.prompt), edited)
+    # a later edit on the reopened memory keeps its standardisation (same layout)
+    again.commit([3], again.prepare(tok, [REQ], HP))
+    assert len(again.memories) == 1
+    [memory] = adapter.memories.values()
+    state = (memory.deltas[0].clone(), memory.keys[0].clone())
+    adapter.commit([3], adapter.prepare(tok, [REQ], HP))
+    adapter.remove(3)
+    assert torch.equal(memory.deltas[0], state[0]) and torch.equal(memory.keys[0], state[1])
+
+
+def test_router_settings_are_validated(tiny: Any) -> None:
+    model, tok = tiny
+    adapter = WiseAdapter(model)
+    with pytest.raises(InvalidRequestError, match="router"):
+        adapter.prepare(tok, [REQ], {**HP, "router": "nearest"})
+    with pytest.raises(InvalidRequestError, match="router_layer"):
+        adapter.prepare(tok, [REQ], {**HP, "layer": 0, "router_layer": 1})
+    with pytest.raises(InvalidRequestError, match="router_threshold"):
+        adapter.prepare(tok, [REQ], {**HP, "router_threshold": 1.5})
+    assert adapter.edit_ids() == []
+
+
+def test_groups_hold_group_size_edits_each_and_route_to_the_best_matching_one(tiny: Any) -> None:
+    model, tok = tiny
+    adapter = WiseAdapter(model)
+    hp = {**HP, "group_size": 1}
+    payloads = adapter.prepare(tok, [REQ, REQ2], hp)
+    adapter.commit([1, 2], payloads)
+    [memory] = adapter.memories.values()
+    assert memory.groups() == [0, 1] and [adapter.item(i).group for i in (1, 2)] == [0, 1]
+    assert {adapter.item(i).shard for i in (1, 2)} == {0}  # each group starts at shard 0
+    assert not torch.equal(memory.deltas[0], memory.deltas[1])
+    with adapter.active():  # each prompt goes to its own group, which answers it
+        both = teacher_forced_accuracy(model, tok, [REQ.prompt, REQ2.prompt], ["Paris", "Berlin"])
+        assert both == [1.0, 1.0]
+        model(**tok(REQ2.prompt, return_tensors="pt"))
+        module = memory.layout.module
+        assert int(adapter._group[module][0, -1]) == 1 and bool(adapter._route[module][0, -1])
+    # item payloads carry their group; rolling the second group back leaves the first exact
+    assert item_from_bytes(payloads[1]).group == 1
+    first = memory.deltas[0].clone()
+    adapter.remove(2)
+    assert memory.groups() == [0] and torch.equal(memory.deltas[0], first)
