@@ -122,12 +122,13 @@ eval-adapters-sequential: venv
 	$(MAKE) results
 
 # lifelong WISE editing (issue #5): the same 500 ZsRE edits one at a time with adapter:wise
-# (side memory at 0.8 of the depth, defaults); one thread. Not run yet on this CPU: ~70 s per
-# edit here while the CPU is shared (~8 s of CPU time), so allow ~10 h.
+# (defaults: key router, groups of 50), Locality also on unrelated NQ questions as in the WISE
+# paper; one thread. ~15 s per edit and ~1.3 s per scored record on one core of this CPU, plus
+# ~15 min for block 24's key statistics the first time: ~3 h in all.
 .PHONY: eval-adapters-sequential-wise
 eval-adapters-sequential-wise: venv
 	OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset ZsRE --strategies adapter:wise --limit 500 \
-		--sequential 500 --checkpoints 10,100,200,300,400,500 --no-generation \
+		--sequential 500 --checkpoints 10,100,200,300,400,500 --unrelated nq --no-generation \
 		--fluency-tokens 0 --out $(EVAL_DIR)/adapter-wise-sequential-ZsRE
 	$(MAKE) results
 
