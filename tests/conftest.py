@@ -82,3 +82,11 @@ def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("bare-server") / "serve.log"
     with Served([], log) as served:
         yield served.url
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    """A tiny random Llama and its tokenizer, built once per test module."""
+    from .tiny import tiny_llama
+
+    return tiny_llama()

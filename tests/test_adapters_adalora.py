@@ -18,13 +18,10 @@ import torch
 
 from memedit import EditRequest, InvalidRequestError
 from memedit.adapters import AdaLoraAdapter, AdaLoraHparams, NonFiniteAdapterError, get_adapter
-from memedit.editable import EditableModel, RouterConfig
 from memedit.evaluation.strategies import parse_strategy
 from memedit.metrics import completion_log_likelihood
-from memedit.stores.embedders import HashingEmbedder
-from memedit.stores.memory import EditMemory
 
-from .test_editable import MarkerPath, OverlapScope
+from .adapter_kit import wrap_tiny
 from .tiny import tiny_llama
 
 pytest.importorskip("peft")
@@ -134,30 +131,18 @@ def test_bad_hparams_are_refused_naming_the_field(options: dict[str, Any], field
     assert info.value.field == field
 
 
-def _wrap(model: Any, tok: Any, path: Path) -> EditableModel:
-    return EditableModel(
-        model,
-        tok,
-        memory=EditMemory.open(path, embedder=HashingEmbedder()),
-        scope=OverlapScope(),
-        counterfactual=MarkerPath(),
-        config=RouterConfig(max_new_tokens=4),
-        model_name="tiny",
-    )
-
-
 def test_the_wrapper_logs_restores_and_rolls_back_adalora_edits(tmp_path: Path) -> None:
     model, tok = tiny_llama()
     base = _state(model)
     assert get_adapter("adalora") is AdaLoraAdapter
-    with _wrap(model, tok, tmp_path / "mem") as em:
+    with wrap_tiny(model, tok, tmp_path / "mem") as em:
         records = em.edit([REQ, REQ2], strategy="adapter", method="adalora", **HP)
         assert [r.method for r in records] == ["adalora", "adalora"]
         edited = _state(model)
         assert not _same(model, base)
         em.memory.save()
         fresh, _ = tiny_llama()
-        with _wrap(fresh, tok, tmp_path / "mem"):  # restored from the logged peft adapters
+        with wrap_tiny(fresh, tok, tmp_path / "mem"):  # restored from the logged peft adapters
             assert _same(fresh, edited)
         em.rollback(records[0].id)
         em.rollback(records[1].id)
@@ -169,7 +154,7 @@ def test_the_evaluator_runs_adapter_adalora_without_a_change(tmp_path: Path) -> 
     base = _state(model)
     strategy = parse_strategy("adapter:adalora@layer=1;steps=8;lr=0.05;rank=1;init_r=4")
     assert strategy.name == "adapter:adalora"
-    with _wrap(model, tok, tmp_path / "mem") as em:
+    with wrap_tiny(model, tok, tmp_path / "mem") as em:
         applied = strategy.apply(em, [REQ])
         assert not _same(model, base)
         applied.revert()

@@ -24,14 +24,15 @@ from memedit.adapters import (
     get_adapter,
 )
 from memedit.adapters.codebook import item_from_bytes, item_to_bytes
-from memedit.editable import EditableModel, RouterConfig, UnsupportedStrategyError
+from memedit.editable import EditableModel, UnsupportedStrategyError
 from memedit.errors import IntegrityError
 from memedit.evaluation.strategies import parse_strategy
 from memedit.metrics import teacher_forced_accuracy
 from memedit.stores.embedders import HashingEmbedder
 from memedit.stores.memory import EditMemory
 
-from .test_editable import MarkerPath, OverlapScope
+from .adapter_kit import hook_count, logits, wrap_tiny
+from .test_editable import OverlapScope
 from .tiny import tiny_llama
 
 HP = {"layer": 1, "steps": 10, "lr": 1.0, "stop_prob": 0.5}
@@ -119,41 +120,26 @@ def test_items_round_trip_and_refuse_non_finite_or_corrupt_state() -> None:
 # ---------------------------------------------------------------------------- adapter
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[Any, Any]:
-    return tiny_llama()
-
-
-def _logits(model: Any, tok: Any, text: str) -> torch.Tensor:
-    ids = tok(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits
-
-
-def _hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_every_edit_of_a_batch_is_learned_and_only_inside_the_radius(tiny: Any) -> None:
     model, tok = tiny
     adapter = GraceAdapter(model)
-    base_edit, base_other = _logits(model, tok, REQ.prompt), _logits(model, tok, UNRELATED)
+    base_edit, base_other = logits(model, tok, REQ.prompt), logits(model, tok, UNRELATED)
     acc0 = teacher_forced_accuracy(model, tok, [REQ.prompt, REQ2.prompt], ["Paris", "Berlin"])
     payloads = adapter.prepare(tok, [REQ, REQ2], HP)
     assert len(payloads) == 2 and adapter.edit_ids() == []  # trained, not yet active
-    assert torch.equal(_logits(model, tok, REQ.prompt), base_edit)
+    assert torch.equal(logits(model, tok, REQ.prompt), base_edit)
     adapter.commit([1, 2], payloads)
     assert adapter.edit_ids() == [1, 2] and len(adapter.codebooks["model.layers.1"]) == 2
     with adapter.active():
         acc = teacher_forced_accuracy(model, tok, [REQ.prompt, REQ2.prompt], ["Paris", "Berlin"])
-        other = _logits(model, tok, UNRELATED)
+        other = logits(model, tok, UNRELATED)
     assert acc == [1.0, 1.0] and acc0 != [1.0, 1.0]
     assert torch.equal(other, base_other)  # out of every radius: bit for bit unedited
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     adapter.remove(2)
     adapter.remove(1)
     with adapter.active():
-        assert torch.equal(_logits(model, tok, REQ.prompt), base_edit)
+        assert torch.equal(logits(model, tok, REQ.prompt), base_edit)
     assert adapter.codebooks == {}
 
 
@@ -162,9 +148,9 @@ def test_hooks_are_removed_when_the_body_raises(tiny: Any) -> None:
     adapter = GraceAdapter(model)
     adapter.commit([1], adapter.prepare(tok, [REQ], HP))
     with pytest.raises(RuntimeError, match="boom"), adapter.active():
-        assert _hooks(model) == 1
+        assert hook_count(model) == 1
         raise RuntimeError("boom")
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_a_diverging_value_is_refused(tiny: Any) -> None:
@@ -180,7 +166,7 @@ def test_a_diverging_value_is_refused(tiny: Any) -> None:
     finally:
         with torch.no_grad():
             head.copy_(saved)
-    assert adapter.edit_ids() == [] and _hooks(model) == 0
+    assert adapter.edit_ids() == [] and hook_count(model) == 0
 
 
 def test_hparams_are_validated(tiny: Any) -> None:
@@ -198,22 +184,10 @@ def test_hparams_are_validated(tiny: Any) -> None:
 # ---------------------------------------------------------------------------- wrapper
 
 
-def _wrap(model: Any, tok: Any, path: Path) -> EditableModel:
-    return EditableModel(
-        model,
-        tok,
-        memory=EditMemory.open(path, embedder=HashingEmbedder()),
-        scope=OverlapScope(),
-        counterfactual=MarkerPath(),
-        config=RouterConfig(max_new_tokens=4),
-        model_name="tiny",
-    )
-
-
 @pytest.fixture
 def em(tiny: Any, tmp_path: Path) -> Iterator[EditableModel]:
     model, tok = tiny
-    wrapped = _wrap(model, tok, tmp_path / "mem")
+    wrapped = wrap_tiny(model, tok, tmp_path / "mem")
     yield wrapped
     wrapped.close()
 
@@ -230,17 +204,17 @@ def test_adapter_strategy_edits_persists_and_rolls_back_one_by_one(
     assert {r.method for r in records} == {"grace"} and len(em.memory) == 0  # not retrieved
     after = em.teacher_forced([REQ.prompt, REQ2.prompt, query], ["Paris", "Berlin", "Paris"])
     assert after[:2] == [1.0, 1.0] and after[2] == base[2]
-    assert _hooks(model) == 0  # active only while the wrapper runs the model
+    assert hook_count(model) == 0  # active only while the wrapper runs the model
     with em.adapted():
-        edited = _logits(model, tok, REQ.prompt)
+        edited = logits(model, tok, REQ.prompt)
 
     # the state is in the log: a reopened memory on a fresh copy of the model answers the same
     em.memory.save()
     fresh, _ = tiny_llama()
-    with _wrap(fresh, tok, tmp_path / "mem") as again:
+    with wrap_tiny(fresh, tok, tmp_path / "mem") as again:
         assert again.teacher_forced([REQ.prompt, REQ2.prompt], ["Paris", "Berlin"]) == [1.0, 1.0]
         with again.adapted():
-            assert torch.equal(_logits(fresh, tok, REQ.prompt), edited)
+            assert torch.equal(logits(fresh, tok, REQ.prompt), edited)
         bundle = again.save_pretrained(tmp_path / "bundle")
     assert '"adapter_edits": 2' in (bundle / "memedit.json").read_text()
 
@@ -250,7 +224,7 @@ def test_adapter_strategy_edits_persists_and_rolls_back_one_by_one(
     em.rollback(records[1].id)
     assert em.edits() == []
     with em.adapted():
-        assert _hooks(model) == 0  # no edit left: nothing hooked
+        assert hook_count(model) == 0  # no edit left: nothing hooked
     assert em.teacher_forced([REQ.prompt], ["Paris"]) == base[:1]
 
 
@@ -284,10 +258,10 @@ def test_the_evaluator_runs_adapter_grace_without_a_change(em: EditableModel, ti
     model, tok = tiny
     strategy = parse_strategy("adapter:grace@layer=1;steps=10;lr=1.0;stop_prob=0.5")
     assert strategy.name == "adapter:grace"
-    before = _logits(model, tok, REQ.prompt)
+    before = logits(model, tok, REQ.prompt)
     applied = strategy.apply(em, [REQ, REQ2])
     assert em.teacher_forced([REQ.prompt], ["Paris"]) == [1.0]
     applied.revert()
     assert em.edits() == []
     with em.adapted():
-        assert torch.equal(_logits(model, tok, REQ.prompt), before)
+        assert torch.equal(logits(model, tok, REQ.prompt), before)

@@ -17,13 +17,10 @@ import torch
 
 from memedit import EditRequest
 from memedit.adapters import AdapterError, LoraAdapter, NonFiniteAdapterError
-from memedit.editable import EditableModel, RouterConfig
 from memedit.errors import IntegrityError
 from memedit.metrics import completion_log_likelihood
-from memedit.stores.embedders import HashingEmbedder
-from memedit.stores.memory import EditMemory
 
-from .test_editable import MarkerPath, OverlapScope
+from .adapter_kit import wrap_tiny
 from .tiny import tiny_llama
 
 pytest.importorskip("peft")
@@ -110,29 +107,17 @@ def test_non_finite_merges_and_foreign_writes_are_refused() -> None:
         weight[0, 0] -= 1.0
 
 
-def _wrap(model: Any, tok: Any, path: Path) -> EditableModel:
-    return EditableModel(
-        model,
-        tok,
-        memory=EditMemory.open(path, embedder=HashingEmbedder()),
-        scope=OverlapScope(),
-        counterfactual=MarkerPath(),
-        config=RouterConfig(max_new_tokens=4),
-        model_name="tiny",
-    )
-
-
 def test_the_wrapper_logs_restores_and_rolls_back_lora_edits(tmp_path: Path) -> None:
     model, tok = tiny_llama()
     base = _state(model)
-    with _wrap(model, tok, tmp_path / "mem") as em:
+    with wrap_tiny(model, tok, tmp_path / "mem") as em:
         records = em.edit([REQ, REQ2], strategy="adapter", method="lora", **HP)
         assert [r.method for r in records] == ["lora", "lora"]
         edited = _state(model)
         assert not _same(model, base)
         em.memory.save()
         fresh, _ = tiny_llama()
-        with _wrap(fresh, tok, tmp_path / "mem"):  # restored from the logged peft adapters
+        with wrap_tiny(fresh, tok, tmp_path / "mem"):  # restored from the logged peft adapters
             assert _same(fresh, edited)
         em.rollback(records[0].id)
         em.rollback(records[1].id)
@@ -148,7 +133,7 @@ def test_a_per_batch_lora_edits_its_requests_together_and_rolls_back_as_one(
     base = _state(model)
     lls = [_ll(model, tok, r) for r in (REQ, REQ2)]
     third = EditRequest(prompt="Who wrote Faust?", target_new="Goethe", subject="Faust")
-    with _wrap(model, tok, tmp_path / "mem") as em:
+    with wrap_tiny(model, tok, tmp_path / "mem") as em:
         solo = em.edit(third, strategy="adapter", method="lora", **HP)[0]
         after_solo = _state(model)
         pair = em.edit([REQ, REQ2], strategy="adapter", method="lora", per_batch=True, **HP)
@@ -158,11 +143,11 @@ def test_a_per_batch_lora_edits_its_requests_together_and_rolls_back_as_one(
         edited = _state(model)
         em.memory.save()
         fresh, _ = tiny_llama()
-        with _wrap(fresh, tok, tmp_path / "mem") as again:  # restored: the batch and the solo
+        with wrap_tiny(fresh, tok, tmp_path / "mem") as again:  # restored: the batch and the solo
             assert _same(fresh, edited)
             assert {r.id for r in again.edits()} == {solo.id, pair[0].id, pair[1].id}
         fresh, _ = tiny_llama()
-        again = _wrap(fresh, tok, tmp_path / "mem")
+        again = wrap_tiny(fresh, tok, tmp_path / "mem")
         again.detach()  # takes both off, batch and solo, and keeps the log
         assert _same(fresh, base)
         rolled = em.rollback(pair[1].id)  # a member: the whole batch goes

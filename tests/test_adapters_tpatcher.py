@@ -23,15 +23,12 @@ from memedit.adapters.tpatcher import (
     patch_from_bytes,
     patch_to_bytes,
 )
-from memedit.editable import EditableModel, RouterConfig
 from memedit.errors import IntegrityError
 from memedit.evaluation.strategies import parse_strategy
 from memedit.intrinsic.compute import target_batch
 from memedit.metrics import teacher_forced_accuracy
-from memedit.stores.embedders import HashingEmbedder
-from memedit.stores.memory import EditMemory
 
-from .test_editable import MarkerPath, OverlapScope
+from .adapter_kit import hook_count, logits, wrap_tiny
 from .tiny import tiny_llama
 
 HP = {"memory_size": 0, "steps": 150, "lr": 0.1, "value_lr": 0.2}
@@ -39,15 +36,6 @@ REQ = EditRequest(prompt="Where did Leo Arons die?", target_new="Paris", subject
 REQ2 = EditRequest(prompt="The capital of France is", target_new="Berlin", subject="France")
 UNRELATED = [MEMORY_TEXTS[0], MEMORY_TEXTS[2]]
 MODULE = "model.layers.1.mlp"
-
-
-def _logits(model: Any, tok: Any, text: str) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**tok(text, return_tensors="pt")).logits
-
-
-def _hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _acc(model: Any, tok: Any, reqs: list[EditRequest]) -> list[float]:
@@ -60,21 +48,21 @@ def test_a_patch_flips_the_answer_and_leaves_unrelated_inputs_bit_for_bit() -> N
     model, tok = tiny_llama()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     adapter = TPatcherAdapter(model)
-    base = [_logits(model, tok, t) for t in UNRELATED]
+    base = [logits(model, tok, t) for t in UNRELATED]
     assert _acc(model, tok, [REQ]) != [1.0]
     payloads = adapter.prepare(tok, [REQ, REQ2], HP)
-    assert adapter.edit_ids() == [] and _hooks(model) == 0  # trained, not active
+    assert adapter.edit_ids() == [] and hook_count(model) == 0  # trained, not active
     adapter.commit([1, 2], payloads)
     patch = adapter.patch(1)  # one neuron per target token ("Paris": two here)
     n = len(tok(f"{REQ.prompt} Paris")["input_ids"]) - len(tok(REQ.prompt)["input_ids"])
     assert patch.module == MODULE and patch.neurons == n
     assert patch.key.shape == (n, 64) and patch.value.shape == (n, 64) and patch.bias.shape == (n,)
     with adapter.active():
-        assert _hooks(model) == 2  # one FFN: its input kept, its output patched
+        assert hook_count(model) == 2  # one FFN: its input kept, its output patched
         assert _acc(model, tok, [REQ, REQ2]) == [1.0, 1.0]
         for text, before in zip(UNRELATED, base, strict=True):
-            assert torch.equal(_logits(model, tok, text), before), text
-    assert _hooks(model) == 0
+            assert torch.equal(logits(model, tok, text), before), text
+    assert hook_count(model) == 0
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no write
 
 
@@ -82,30 +70,30 @@ def test_no_patch_no_hook_and_hooks_go_on_an_exception() -> None:
     model, tok = tiny_llama()
     adapter = TPatcherAdapter(model)
     with adapter.active():
-        assert _hooks(model) == 0
+        assert hook_count(model) == 0
     adapter.commit([1], adapter.prepare(tok, [REQ], HP))
     with pytest.raises(RuntimeError, match="boom"), adapter.active():
-        assert _hooks(model) == 2
+        assert hook_count(model) == 2
         raise RuntimeError("boom")
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     adapter.remove(1)
     with adapter.active():
-        assert _hooks(model) == 0
+        assert hook_count(model) == 0
 
 
 def test_rollback_of_any_edit_is_exact() -> None:
     model, tok = tiny_llama()
     adapter = TPatcherAdapter(model)
     p1, p2 = adapter.prepare(tok, [REQ, REQ2], HP)
-    base = [_logits(model, tok, r.prompt) for r in (REQ, REQ2)]
+    base = [logits(model, tok, r.prompt) for r in (REQ, REQ2)]
     adapter.commit([1], [p1])
     with adapter.active():
-        one = [_logits(model, tok, r.prompt) for r in (REQ, REQ2)]
+        one = [logits(model, tok, r.prompt) for r in (REQ, REQ2)]
     adapter.commit([2], [p2])
     adapter.remove(2)  # the newest: exactly the outputs before it
     with adapter.active():
         assert all(
-            torch.equal(_logits(model, tok, r.prompt), o)
+            torch.equal(logits(model, tok, r.prompt), o)
             for r, o in zip((REQ, REQ2), one, strict=True)
         )
     adapter.commit([2], [p2])
@@ -114,13 +102,13 @@ def test_rollback_of_any_edit_is_exact() -> None:
     alone.commit([2], [p2])
     for r in (REQ, REQ2):
         with adapter.active():
-            now = _logits(model, tok, r.prompt)
+            now = logits(model, tok, r.prompt)
         with alone.active():
-            assert torch.equal(now, _logits(model, tok, r.prompt))
+            assert torch.equal(now, logits(model, tok, r.prompt))
     adapter.remove(2)
     with adapter.active():
         assert all(
-            torch.equal(_logits(model, tok, r.prompt), b)
+            torch.equal(logits(model, tok, r.prompt), b)
             for r, b in zip((REQ, REQ2), base, strict=True)
         )
     assert adapter.edit_ids() == []
@@ -140,9 +128,9 @@ def test_the_payload_round_trips_onto_a_fresh_model() -> None:
     restored = TPatcherAdapter(fresh)
     restored.commit([1], [blob])
     with adapter.active():
-        live = _logits(model, tok, REQ.prompt)
+        live = logits(model, tok, REQ.prompt)
     with restored.active():
-        assert torch.equal(_logits(fresh, tok, REQ.prompt), live)
+        assert torch.equal(logits(fresh, tok, REQ.prompt), live)
     with pytest.raises(IntegrityError):
         patch_from_bytes(b"not a patch")
     with pytest.raises(IntegrityError, match="corrupt"):
@@ -169,7 +157,7 @@ def test_non_finite_patches_are_refused_in_training_and_on_commit() -> None:
     good = patch_from_bytes(blob)
     with pytest.raises(NonFiniteAdapterError, match="value"):
         Patch(MODULE, good.key, good.bias, torch.full_like(good.value, float("inf")), good.queries)
-    assert adapter.edit_ids() == [] and _hooks(model) == 0
+    assert adapter.edit_ids() == [] and hook_count(model) == 0
     head = model.lm_head.weight
     saved = head.detach().clone()
     try:
@@ -234,52 +222,40 @@ def test_the_patch_follows_the_model_dtype() -> None:
     adapter = TPatcherAdapter(double)
     adapter.commit([1], [blob])
     with adapter.active():
-        logits = _logits(double, tok, REQ.prompt)
-    assert logits.dtype == torch.float64 and bool(torch.isfinite(logits).all())
-
-
-def _wrap(model: Any, tok: Any, path: Path) -> EditableModel:
-    return EditableModel(
-        model,
-        tok,
-        memory=EditMemory.open(path, embedder=HashingEmbedder()),
-        scope=OverlapScope(),
-        counterfactual=MarkerPath(),
-        config=RouterConfig(max_new_tokens=4),
-        model_name="tiny",
-    )
+        out = logits(double, tok, REQ.prompt)
+    assert out.dtype == torch.float64 and bool(torch.isfinite(out).all())
 
 
 def test_the_wrapper_logs_restores_and_rolls_back_patches(tmp_path: Path) -> None:
     model, tok = tiny_llama()
     assert get_adapter("tpatcher") is TPatcherAdapter
-    with _wrap(model, tok, tmp_path / "mem") as em:
+    with wrap_tiny(model, tok, tmp_path / "mem") as em:
         base = em.teacher_forced([REQ.prompt, REQ2.prompt], ["Paris", "Berlin"])
         records = em.edit([REQ, REQ2], strategy="adapter", method="tpatcher", **HP)
         assert [r.method for r in records] == ["tpatcher", "tpatcher"]
         assert em.teacher_forced([REQ.prompt, REQ2.prompt], ["Paris", "Berlin"]) == [1.0, 1.0]
         with em.adapted():
-            edited = _logits(model, tok, REQ.prompt)
+            edited = logits(model, tok, REQ.prompt)
         em.memory.save()
         fresh, _ = tiny_llama()
-        with _wrap(fresh, tok, tmp_path / "mem") as again, again.adapted():
-            assert torch.equal(_logits(fresh, tok, REQ.prompt), edited)
+        with wrap_tiny(fresh, tok, tmp_path / "mem") as again, again.adapted():
+            assert torch.equal(logits(fresh, tok, REQ.prompt), edited)
         em.rollback(records[0].id)
         em.rollback(records[1].id)
         assert em.edits() == []
         assert em.teacher_forced([REQ.prompt, REQ2.prompt], ["Paris", "Berlin"]) == base
-        assert _hooks(model) == 0
+        assert hook_count(model) == 0
 
 
 def test_the_evaluator_runs_adapter_tpatcher_without_a_change(tmp_path: Path) -> None:
     model, tok = tiny_llama()
     strategy = parse_strategy("adapter:tpatcher@memory_size=0;steps=150;lr=0.1;value_lr=0.2")
     assert strategy.name == "adapter:tpatcher"
-    with _wrap(model, tok, tmp_path / "mem") as em:
-        before = _logits(model, tok, REQ.prompt)
+    with wrap_tiny(model, tok, tmp_path / "mem") as em:
+        before = logits(model, tok, REQ.prompt)
         applied = strategy.apply(em, [REQ])
         assert em.teacher_forced([REQ.prompt], ["Paris"]) == [1.0]
         applied.revert()
         assert em.edits() == []
         with em.adapted():
-            assert torch.equal(_logits(model, tok, REQ.prompt), before)
+            assert torch.equal(logits(model, tok, REQ.prompt), before)

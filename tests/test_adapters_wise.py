@@ -24,14 +24,12 @@ from memedit.adapters.side_memory import (
     item_to_bytes,
     ties,
 )
-from memedit.editable import EditableModel, RouterConfig
+from memedit.editable import EditableModel
 from memedit.errors import IntegrityError
 from memedit.evaluation.strategies import parse_strategy
 from memedit.metrics import teacher_forced_accuracy
-from memedit.stores.embedders import HashingEmbedder
-from memedit.stores.memory import EditMemory
 
-from .test_editable import MarkerPath, OverlapScope
+from .adapter_kit import hook_count, logits, wrap_tiny
 from .tiny import tiny_llama
 
 # the paper's rule: activation router, no protections, one group (the key router has its own
@@ -124,21 +122,6 @@ def test_items_round_trip_and_refuse_non_finite_or_corrupt_state() -> None:
 # ---------------------------------------------------------------------------- adapter
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[Any, Any]:
-    return tiny_llama()
-
-
-def _logits(model: Any, tok: Any, text: str) -> torch.Tensor:
-    ids = tok(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits
-
-
-def _hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_the_sliced_training_forward_equals_the_full_one(tiny: Any) -> None:
     from memedit.adapters.wise import _upper
     from memedit.intrinsic.compute import forward_logits, target_batch
@@ -161,11 +144,11 @@ def test_every_edit_of_a_batch_is_learned_routed_and_rolled_back_exactly(tiny: A
     model, tok = tiny
     adapter = WiseAdapter(model)
     prompts, targets = [REQ.prompt, REQ2.prompt], ["Paris", "Berlin"]
-    base_edit = _logits(model, tok, REQ.prompt)
+    base_edit = logits(model, tok, REQ.prompt)
     acc0 = teacher_forced_accuracy(model, tok, prompts, targets)
     payloads = adapter.prepare(tok, [REQ, REQ2], HP)
     assert len(payloads) == 2 and adapter.edit_ids() == []  # trained, not yet active
-    assert torch.equal(_logits(model, tok, REQ.prompt), base_edit)
+    assert torch.equal(logits(model, tok, REQ.prompt), base_edit)
     adapter.commit([1, 2], payloads)
     [memory] = adapter.memories.values()
     assert memory.layout.module == "model.layers.1.mlp.down_proj"
@@ -175,7 +158,7 @@ def test_every_edit_of_a_batch_is_learned_routed_and_rolled_back_exactly(tiny: A
     assert acc == [1.0, 1.0] and acc0 != [1.0, 1.0]
     for i in (1, 2):  # every in-scope token of each edit scores above the threshold
         assert bool((memory.scores(adapter.item(i).acts) > memory.threshold).all())
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
     state = (memory.delta.clone(), memory.threshold)
     adapter.commit([3], adapter.prepare(tok, [REQ], HP))
     adapter.remove(3)
@@ -184,8 +167,8 @@ def test_every_edit_of_a_batch_is_learned_routed_and_rolled_back_exactly(tiny: A
     adapter.remove(1)
     assert adapter.memories == {}
     with adapter.active():
-        assert torch.equal(_logits(model, tok, REQ.prompt), base_edit)
-        assert _hooks(model) == 0
+        assert torch.equal(logits(model, tok, REQ.prompt), base_edit)
+        assert hook_count(model) == 0
 
 
 def test_hooks_are_removed_when_the_body_raises(tiny: Any) -> None:
@@ -193,9 +176,9 @@ def test_hooks_are_removed_when_the_body_raises(tiny: Any) -> None:
     adapter = WiseAdapter(model)
     adapter.commit([1], adapter.prepare(tok, [REQ], {**HP, "steps": 2}))
     with pytest.raises(RuntimeError, match="boom"), adapter.active():
-        assert _hooks(model) == 2  # the input and the output hook of the side memory's module
+        assert hook_count(model) == 2  # the input and the output hook of the side memory's module
         raise RuntimeError("boom")
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_a_diverging_edit_is_refused_and_nothing_changes(tiny: Any) -> None:
@@ -211,7 +194,7 @@ def test_a_diverging_edit_is_refused_and_nothing_changes(tiny: Any) -> None:
     finally:
         with torch.no_grad():
             head.copy_(saved)
-    assert adapter.edit_ids() == [] and _hooks(model) == 0
+    assert adapter.edit_ids() == [] and hook_count(model) == 0
     assert model.model.layers[0] is not None and len(model.model.layers) == 2
 
 
@@ -232,22 +215,10 @@ def test_hparams_are_validated(tiny: Any) -> None:
 # ---------------------------------------------------------------------------- wrapper
 
 
-def _wrap(model: Any, tok: Any, path: Path) -> EditableModel:
-    return EditableModel(
-        model,
-        tok,
-        memory=EditMemory.open(path, embedder=HashingEmbedder()),
-        scope=OverlapScope(),
-        counterfactual=MarkerPath(),
-        config=RouterConfig(max_new_tokens=4),
-        model_name="tiny",
-    )
-
-
 @pytest.fixture
 def em(tiny: Any, tmp_path: Path) -> Iterator[EditableModel]:
     model, tok = tiny
-    wrapped = _wrap(model, tok, tmp_path / "mem")
+    wrapped = wrap_tiny(model, tok, tmp_path / "mem")
     yield wrapped
     wrapped.close()
 
@@ -261,15 +232,15 @@ def test_adapter_strategy_edits_persists_and_rolls_back(
     records = em.edit([REQ, REQ2], strategy="adapter", method="wise", **HP)
     assert [r.method for r in records] == ["wise", "wise"] and len(em.memory) == 0
     assert em.teacher_forced([REQ.prompt, REQ2.prompt], ["Paris", "Berlin"]) == [1.0, 1.0]
-    assert _hooks(model) == 0  # active only while the wrapper runs the model
+    assert hook_count(model) == 0  # active only while the wrapper runs the model
     with em.adapted():
-        edited = _logits(model, tok, REQ.prompt)
+        edited = logits(model, tok, REQ.prompt)
 
     em.memory.save()  # the side memory is in the log: a fresh model reopened answers the same
     fresh, _ = tiny_llama()
-    with _wrap(fresh, tok, tmp_path / "mem") as again:
+    with wrap_tiny(fresh, tok, tmp_path / "mem") as again:
         with again.adapted():
-            assert torch.equal(_logits(fresh, tok, REQ.prompt), edited)
+            assert torch.equal(logits(fresh, tok, REQ.prompt), edited)
         bundle = again.save_pretrained(tmp_path / "bundle")
     assert '"adapter_edits": 2' in (bundle / "memedit.json").read_text()
 
@@ -277,7 +248,7 @@ def test_adapter_strategy_edits_persists_and_rolls_back(
     em.rollback(records[0].id)
     assert em.edits() == []
     with em.adapted():
-        assert _hooks(model) == 0
+        assert hook_count(model) == 0
     assert em.teacher_forced([REQ.prompt, REQ2.prompt], ["Paris", "Berlin"]) == base
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
@@ -289,10 +260,10 @@ def test_the_evaluator_runs_adapter_wise_without_a_change(em: EditableModel, tin
         "router_threshold=0.9;stats_tokens=4000;protect_rank=4"
     )
     assert strategy.name == "adapter:wise"
-    before = _logits(model, tok, REQ.prompt)
+    before = logits(model, tok, REQ.prompt)
     applied = strategy.apply(em, [REQ, REQ2])
     assert em.teacher_forced([REQ.prompt], ["Paris"]) == [1.0]
     applied.revert()
     assert em.edits() == []
     with em.adapted():
-        assert torch.equal(_logits(model, tok, REQ.prompt), before)
+        assert torch.equal(logits(model, tok, REQ.prompt), before)

@@ -28,6 +28,7 @@ from memedit.adapters.side_memory import (
 from memedit.errors import IntegrityError
 from memedit.metrics import teacher_forced_accuracy
 
+from .adapter_kit import hook_count, logits
 from .tiny import tiny_llama
 
 HP = {
@@ -107,25 +108,10 @@ def test_format_1_items_still_read_as_the_activation_router() -> None:
 # ---------------------------------------------------------------------------- adapter
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[Any, Any]:
-    return tiny_llama()
-
-
-def _logits(model: Any, tok: Any, text: str) -> torch.Tensor:
-    ids = tok(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**ids).logits
-
-
-def _hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_keys_route_the_edits_and_leave_unmatched_rows_bit_for_bit(tiny: Any) -> None:
     model, tok = tiny
     adapter = WiseAdapter(model)
-    before = {t: _logits(model, tok, t) for t in (REQ.prompt, UNRELATED)}
+    before = {t: logits(model, tok, t) for t in (REQ.prompt, UNRELATED)}
     payloads = adapter.prepare(tok, [REQ, REQ2], HP)
     adapter.commit([1, 2], payloads)
     [memory] = adapter.memories.values()
@@ -135,14 +121,14 @@ def test_keys_route_the_edits_and_leave_unmatched_rows_bit_for_bit(tiny: Any) ->
     targets = ["Paris", "Berlin"]
     with adapter.active():
         assert teacher_forced_accuracy(model, tok, [REQ.prompt, REQ2.prompt], targets) == [1.0] * 2
-        assert not torch.equal(_logits(model, tok, REQ.prompt), before[REQ.prompt])
-        assert torch.equal(_logits(model, tok, UNRELATED), before[UNRELATED])  # no key matched
+        assert not torch.equal(logits(model, tok, REQ.prompt), before[REQ.prompt])
+        assert torch.equal(logits(model, tok, UNRELATED), before[UNRELATED])  # no key matched
         # the edit's own prompt matches from its subject's first token on
         ids = tok(REQ.prompt, return_tensors="pt")["input_ids"]
         model(input_ids=ids)
         route = adapter._route["model.layers.1.mlp.down_proj"][0]
         assert not route[0] and bool(route[-1]) and route.int().diff().ge(0).all()
-    assert _hooks(model) == 0 and adapter._route == {} and adapter._rows == {}
+    assert hook_count(model) == 0 and adapter._route == {} and adapter._rows == {}
 
 
 def test_cached_generation_keeps_a_routed_row_on_the_side_memory(tiny: Any) -> None:
@@ -163,12 +149,12 @@ def test_a_reopened_memory_routes_and_answers_the_same_and_rollback_is_exact(tin
     payloads = adapter.prepare(tok, [REQ, REQ2], HP)
     adapter.commit([1, 2], payloads)
     with adapter.active():
-        edited = _logits(model, tok, REQ.prompt)
+        edited = logits(model, tok, REQ.prompt)
     fresh, _ = tiny_llama()
     again = WiseAdapter(fresh)
     again.commit([1, 2], payloads)
     with again.active():
-        assert torch.equal(_logits(fresh, tok, REQ.prompt), edited)
+        assert torch.equal(logits(fresh, tok, REQ.prompt), edited)
     # a later edit on the reopened memory keeps its standardisation (same layout)
     again.commit([3], again.prepare(tok, [REQ], HP))
     assert len(again.memories) == 1

@@ -36,6 +36,7 @@ from memedit.counterfactual.train import (
 )
 from memedit.errors import IntegrityError
 from memedit.types import EditRequest
+from tests.adapter_kit import hook_count
 from tests.tiny import tiny_llama
 
 E1 = EditRequest(prompt="Where did Leo Arons die?", target_new="Paris", subject="Leo Arons")
@@ -48,10 +49,6 @@ CHAT_TEMPLATE = (
 
 def _weights(model: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_template_input_states_edits_as_qa_pairs_then_the_query() -> None:
@@ -100,25 +97,25 @@ def test_adapter_changes_outputs_only_inside_and_restores_bit_for_bit() -> None:
     model, _ = tiny_llama()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     before_w = _weights(model)
-    hooks_before = _hooks(model)
+    hooks_before = hook_count(model)
     with torch.no_grad():
         before = model(ids).logits
     path = AdapterPath(_trained_adapter(model))
     with torch.no_grad(), path.activate(model):
         inside = model(ids).logits
-        assert _hooks(model) == hooks_before + 2 * 3  # 2 layers x q, v, o
+        assert hook_count(model) == hooks_before + 2 * 3  # 2 layers x q, v, o
     assert not torch.allclose(inside, before)
     with torch.no_grad():
         after = model(ids).logits
     assert torch.equal(after, before)
-    assert _hooks(model) == hooks_before
+    assert hook_count(model) == hooks_before
     for k, v in model.state_dict().items():
         assert torch.equal(v, before_w[k]), k
 
     with pytest.raises(RuntimeError, match="boom"), path.activate(model):
         model(ids)
         raise RuntimeError("boom")
-    assert _hooks(model) == hooks_before
+    assert hook_count(model) == hooks_before
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
     for k, v in model.state_dict().items():
