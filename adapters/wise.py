@@ -483,9 +483,12 @@ class WiseAdapter:
         import torch
 
         from memedit.intrinsic.compute import (
+            capture,
             encode,
             frozen,
             lookup_index,
+            pad_id,
+            pad_right,
             target_batch,
         )
 
@@ -498,11 +501,19 @@ class WiseAdapter:
         if pool and hp.irrelevant_rows:
             start = len(memory) * hp.irrelevant_rows
             texts += [pool[(start + j) % len(pool)] for j in range(hp.irrelevant_rows)]
-        extra = [encode(tokenizer, t)[:_MAX_TOKENS] for t in texts]
-        protect = self._protection(tokenizer, hp, memory, group)
-        batch = target_batch(
-            tokenizer, pairs, device, extra_rows=extra, extra_keep=[0] * len(extra)
+        # The irrelevant texts never reach the side memory and the blocks below it are frozen,
+        # so their activations there are fixed: taken once here, their scores are one matmul
+        # per step, and only the edit's own rows run through the model while training.
+        extra_ids, extra_mask = pad_right(
+            [encode(tokenizer, t)[:_MAX_TOKENS] for t in texts], pad_id(tokenizer), device
         )
+        with frozen(self.model):
+            extra_acts, extra_out = capture(self.model, lay.module, extra_ids, extra_mask)
+        extra_valid = extra_mask.bool()
+        extra_acts = extra_acts[extra_valid].to(torch.float32)
+        extra_norms = extra_out[extra_valid].float().norm(dim=-1)
+        protect = self._protection(tokenizer, hp, memory, group)
+        batch = target_batch(tokenizer, pairs, device)
         route = torch.zeros(batch.ids.shape, dtype=torch.bool, device=device)
         spans = [_subject_span(tokenizer, p, request) for p in prefixes]
         for i, p in enumerate(prefixes):
@@ -524,7 +535,8 @@ class WiseAdapter:
         def replace(acts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             added = side(acts)
             if "scale" not in seen:  # the main memory's typical output norm here
-                seen["scale"] = out.detach().float()[irrelevant].norm(dim=-1).median()
+                norms = out.detach().float()[irrelevant].norm(dim=-1)
+                seen["scale"] = torch.cat([norms, extra_norms]).median()
             seen["score"] = added.norm(dim=-1) / seen["scale"]
             seen["acts"] = acts.detach()
             return out + (added * route[..., None]).to(out.dtype)
@@ -543,7 +555,8 @@ class WiseAdapter:
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 token_lp = logp[batch.tgt_index, batch.tgt_token]
                 score = seen["score"]
-                s_in, s_out = score[route], score[irrelevant]
+                s_extra = side(extra_acts).norm(dim=-1) / seen["scale"]
+                s_in, s_out = score[route], torch.cat([score[irrelevant], s_extra])
                 margin = (
                     torch.relu(s_out - hp.alpha).mean()
                     + torch.relu(hp.beta - s_in).mean()
