@@ -1,6 +1,7 @@
 """WISE's key router (memedit.adapters, ``router="keys"``) on tiny random models: a token goes
 to the side memory when its standardised activation at the router's module is within the
-cosine threshold of an edit's key (the subject's tokens), and its row stays there from that
+cosine threshold of an edit's key (the subject's last token, or each of its tokens; keys that
+reach other text are filtered out), and its row stays there from that
 token on, across cached generation steps too; rows that match no key run bit for bit as on the
 unedited model. Items carry their keys and the memory's standardisation through the edit log
 (format 2; format-1 items still read, as the activation router's), a reopened memory routes
@@ -198,3 +199,59 @@ def test_groups_hold_group_size_edits_each_and_route_to_the_best_matching_one(ti
     first = memory.deltas[0].clone()
     adapter.remove(2)
     assert memory.groups() == [0] and torch.equal(memory.deltas[0], first)
+
+
+def _subject_keys(model: Any, tok: Any, hp: dict[str, Any]) -> torch.Tensor:
+    adapter = WiseAdapter(model)
+    adapter.commit([1], adapter.prepare(tok, [REQ], {**hp, "steps": 0}))
+    keys = adapter.item(1).keys
+    assert keys is not None
+    return keys.float()
+
+
+def test_keys_are_taken_at_the_subjects_last_token_or_at_each_of_its_tokens(tiny: Any) -> None:
+    from memedit.adapters.wise import PREFIXES, _subject_span
+    from memedit.intrinsic.compute import capture
+
+    model, tok = tiny
+    raw = {**HP, "key_filter": False}
+    last = _subject_keys(model, tok, {**raw, "key_tokens": "last"})
+    every = _subject_keys(model, tok, {**raw, "key_tokens": "subject"})
+    spans = [_subject_span(tok, p, REQ) for p in PREFIXES[:2]]
+    assert last.shape[0] == 2 and every.shape[0] == sum(b - a + 1 for a, b in spans) > 2
+    # the bare prompt's last-token key is that token's standardised router input
+    adapter = WiseAdapter(model)
+    adapter.commit([1], adapter.prepare(tok, [REQ], {**raw, "steps": 0}))
+    [memory] = adapter.memories.values()
+    assert memory.norm is not None
+    ids = tok(REQ.prompt, return_tensors="pt")["input_ids"]
+    inp, _ = capture(model, memory.layout.router_module, ids, torch.ones_like(ids))
+    expect = standardise(inp[0, spans[0][1]], memory.norm).to(torch.float16).float()
+    assert torch.equal(last[0], expect)
+    with pytest.raises(InvalidRequestError, match="key_tokens"):
+        WiseAdapter(model).prepare(tok, [REQ], {**HP, "key_tokens": "first"})
+
+
+def test_the_filter_drops_keys_that_reach_other_text_but_keeps_one(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tok = tiny
+    hp = {**HP, "key_tokens": "subject"}
+    threshold = HP["router_threshold"]
+    raw = _subject_keys(model, tok, {**hp, "key_filter": False})
+    # generic text far from every key (the opposite directions): only the edit's own other
+    # tokens can take keys away
+    monkeypatch.setattr(WiseAdapter, "_reference", lambda self, *a: -raw)
+    kept = _subject_keys(model, tok, hp)
+    assert 1 <= kept.shape[0] <= raw.shape[0]
+    # generic text that holds one key: that key goes, and those within the threshold of it
+    monkeypatch.setattr(WiseAdapter, "_reference", lambda self, *a: raw[:1])
+    fewer = _subject_keys(model, tok, hp)
+    assert not any(torch.equal(row, raw[0]) for row in fewer)
+    expect = [row for row in kept if float(row @ raw[0]) < threshold]
+    assert len(expect) == fewer.shape[0] and all(
+        torch.equal(a, b) for a, b in zip(expect, fewer, strict=True)
+    )
+    # generic text that holds every key: one key is still kept, so the edit stays routable
+    monkeypatch.setattr(WiseAdapter, "_reference", lambda self, *a: raw)
+    assert _subject_keys(model, tok, hp).shape[0] >= 1
