@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MEMEDIT_TEST_PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export MEMEDIT_TEST_PG_URL
 
-.PHONY: venv demo test lint typecheck unit bench eval eval-generation eval-convsent-sequential eval-weights eval-weights-sequential eval-adapters-sequential eval-adapters-single results locate clean
+.PHONY: venv demo test lint typecheck unit bench eval eval-generation eval-convsent-sequential eval-weights eval-weights-sequential eval-adapters-sequential eval-adapters-single eval-adapters-single-fluency results locate clean
 
 venv: $(VENV)/.installed
 
@@ -110,6 +110,16 @@ eval-adapters-single: venv
 	OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset ZsRE --strategies adapter:adalora,adapter:tpatcher \
 		--limit 200 --no-generation --fluency-tokens 0 --verify-revert all \
 		--out $(EVAL_DIR)/adapter-single-ZsRE
+	$(MAKE) results
+
+# single-mode adapter runs with Fluency (issue #5's table): each adapter alone on the first 200
+# records of ZsRE and WikiData_counterfact dev, every revert checked; one thread. Runs resume;
+# ADAPTERS picks the methods (e.g. `make eval-adapters-single-fluency ADAPTERS=wise`).
+ADAPTERS ?= wise grace lora adalora tpatcher
+eval-adapters-single-fluency: venv
+	for m in $(ADAPTERS); do for d in ZsRE WikiData_counterfact; do \
+		OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset $$d --strategies adapter:$$m --limit 200 \
+			--no-generation --verify-revert all --out $(EVAL_DIR)/adapter-$$m-$$d || exit 1; done; done
 	$(MAKE) results
 
 # lifelong adapter editing (issue #5): 500 ZsRE edits with GRACE, one at a time, scored at each

@@ -8,7 +8,7 @@ router on activations consults only for in-scope inputs.
   only while :meth:`WiseAdapter.active` is entered.
 * **Routing** (``router``). ``"keys"`` (the default): each edit keeps *keys*, the
   activations at the input of a lower MLP output projection (``router_fraction`` 0.47 of the
-  depth) at its subject's last token (``key_tokens``), standardised by the memory's
+  depth) at its subject's tokens (``key_tokens``), standardised by the memory's
   per-feature mean and standard deviation over generic text (`NORM_TEXTS`), less any key
   that already reaches the threshold on generic text or on the edit's own other tokens
   (``key_filter``); a token whose standardised activation has cosine
@@ -138,10 +138,10 @@ class WiseHparams:
     ``"keys"`` or ``"activation"`` (module docstring); ``router_layer`` (None:
     ``router_fraction`` of the depth, never above ``layer``) and ``router_threshold``: the key
     router's module and cosine threshold; ``key_tokens``: where the keys are taken,
-    ``"last"`` (the subject's last token, where the model has read the whole subject) or
-    ``"subject"`` (every subject token); ``key_filter``: drop the keys that would route text
-    other than the subject (see `WiseAdapter._keys`); ``act_ratio``: the activation
-    router's threshold as a fraction of the lowest edit score; ``alpha`` / ``beta`` /
+    ``"subject"`` (every subject token) or ``"last"`` (the subject's last token only: fewer
+    unrelated questions routed, fewer rephrasings too); ``key_filter``: drop the keys that
+    would route text other than the subject (see `WiseAdapter._keys`); ``act_ratio``: the
+    activation router's threshold as a fraction of the lowest edit score; ``alpha`` / ``beta`` /
     ``gamma``: the score margins, as fractions of the main memory's median output norm over
     the irrelevant texts' tokens (one setting fits every layer and model); ``margin_weight``:
     their weight in the loss;
@@ -179,8 +179,8 @@ class WiseHparams:
     router: str = "keys"
     router_layer: int | None = None
     router_fraction: float = 0.47
-    router_threshold: float = 0.70
-    key_tokens: str = "last"
+    router_threshold: float = 0.76
+    key_tokens: str = "subject"
     key_filter: bool = True
     group_size: int = 50
 
@@ -631,12 +631,12 @@ class WiseAdapter:
         spans: list[tuple[int, int]],
         lay: WiseLayout,
     ) -> torch.Tensor:
-        """The key router's keys of one edit: the router module's input at the subject's last
-        token (``key_tokens="last"``) or at each of its tokens (``"subject"``) in each
-        context-prefixed prompt, standardised (float16, unit length). Keys at a subject's
-        earlier tokens ("K" of a name, " Le" of "Leizarraga") hold little of the subject and
-        match fragments of other names: with them, 500 ZsRE edits routed 57% of unrelated
-        WikiData_counterfact questions, with last-token keys 15% (BENCHMARKS.md).
+        """The key router's keys of one edit: the router module's input at each of the
+        subject's tokens (``key_tokens="subject"``) or at its last token only (``"last"``) in
+        each context-prefixed prompt, standardised (float16, unit length). Keys at a subject's
+        earlier tokens ("K" of a name, " Le" of "Leizarraga") also match fragments of other
+        names; last-token keys route fewer unrelated questions but miss more rephrasings
+        (ZsRE, T = 100: Gen 66.4 against 76.8; BENCHMARKS.md).
 
         With ``key_filter`` a key is dropped when it reaches the threshold on a token that is
         not the subject: the edit's own other tokens (relation words, target) or generic text

@@ -259,39 +259,24 @@ def _tpatcher_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]
 
 
 def _wise_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
-    import torch
-
+    """A WISE state of ``len(records)`` edits with their real keys (groups, filter) and every
+    change 0: `prepare` with no training step, through the public API."""
     from memedit.adapters import WiseAdapter, WiseHparams
-    from memedit.adapters.side_memory import WiseItem, item_to_bytes
-    from memedit.adapters.wise import PREFIXES, _subject_span
-    from memedit.intrinsic.compute import encode, pad_right
 
     hp = WiseHparams()
     adapter = WiseAdapter(model)
-    module = hp.module_for(model)
-    lay = adapter._layout(tok, module, hp)
-    device = next(model.parameters()).device
-    payloads = []
+    untrained = {"steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
     t0 = time.perf_counter()
-    for i, r in enumerate(records):
-        prefixes = PREFIXES[: hp.prefixes]
-        ids, mask = pad_right([encode(tok, p + r.prompt) for p in prefixes], 0, device)
-        spans = [_subject_span(tok, p, r) for p in prefixes]
-        keys = adapter._keys(ids, mask, spans, lay)
-        group, shard = i // hp.group_size, (i % hp.group_size) % lay.shards
-        delta = torch.zeros(lay.nnz(), dtype=torch.float16)
-        acts = torch.zeros((1, lay.shape[1]))
-        norm = adapter._norms[lay.norm_digest]
-        item = WiseItem(
-            lay, shard, delta, acts, r.target_new, lay.mask_digest(shard), keys, norm, group
-        )
-        payloads.append(item_to_bytes(item))
-    adapter.commit(list(range(1, len(payloads) + 1)), payloads)
+    for start in range(0, len(records), hp.group_size):
+        chunk = records[start : start + hp.group_size]
+        ids = list(range(start + 1, start + len(chunk) + 1))
+        adapter.commit(ids, adapter.prepare(tok, chunk, untrained))
     [memory] = adapter.memories.values()
     n_keys = sum(int(k.shape[0]) for k in memory.keys.values())
     note = (
-        f"{len(payloads)} edits in {len(memory.groups())} groups of {hp.group_size}, {n_keys} keys "
-        f"at {lay.router_module}, every change 0 ({time.perf_counter() - t0:.1f} s to capture)"
+        f"{len(records)} edits in {len(memory.groups())} groups of {hp.group_size}, {n_keys} keys "
+        f"at {memory.layout.router_module}, every change 0 "
+        f"({time.perf_counter() - t0:.1f} s to build)"
     )
     return adapter, note
 
