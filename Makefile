@@ -133,8 +133,8 @@ eval-adapters-sequential: venv
 
 # lifelong WISE editing (issue #5): the same 500 ZsRE edits one at a time with adapter:wise
 # (defaults: key router, groups of 50), Locality also on unrelated NQ questions as in the WISE
-# paper; one thread. ~15 s per edit and ~1.3 s per scored record on one core of this CPU, plus
-# ~15 min for block 24's key statistics the first time: ~3 h in all.
+# paper; one thread. ~4 s per edit and ~0.6 s per scored record on one core of this CPU: ~50 min,
+# plus ~5-15 min for block 24's key statistics the first time.
 .PHONY: eval-adapters-sequential-wise
 eval-adapters-sequential-wise: venv
 	OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset ZsRE --strategies adapter:wise --limit 500 \
