@@ -26,25 +26,6 @@ import time
 from typing import Any
 
 
-def _parse(options: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for part in filter(None, options.split(";")):
-        key, _, value = part.partition("=")
-        text = value.strip()
-        lowered = text.lower()
-        if lowered in ("true", "false"):
-            out[key.strip()] = lowered == "true"
-            continue
-        try:
-            out[key.strip()] = int(text)
-        except ValueError:
-            try:
-                out[key.strip()] = float(text)
-            except ValueError:
-                out[key.strip()] = text
-    return out
-
-
 def _questions(records: list[Any]) -> list[str]:
     """Each locality probe of ``records`` with its first answer."""
     return [f"{p.prompt} {p.answers[0] if p.answers else ''}" for r in records for p in r.locality]
@@ -56,6 +37,7 @@ def main() -> None:
     from memedit.adapters import WiseAdapter, WiseHparams
     from memedit.adapters.side_memory import standardise
     from memedit.datasets import load_requests
+    from memedit.evaluation.strategies import parse_strategy
     from memedit.intrinsic.compute import capture, encode
     from memedit.models import load_model
 
@@ -74,7 +56,8 @@ def main() -> None:
     cf_records = load_requests("WikiData_counterfact", limit=args.cf)
     cf = [f"{p.prompt} {p.answers[0] if p.answers else ''}" for r in cf_records for p in r.locality]
     cf = cf[: args.cf]
-    hp = {**_parse(args.options), "steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
+    given = parse_strategy(f"adapter:wise@{args.options}").options if args.options else {}
+    hp = {**given, "steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
     hp.setdefault("irrelevant_size", 32)
     size = WiseHparams(**hp).group_size or len(reqs)
 
