@@ -97,6 +97,7 @@ class WiseItem:
     keys: torch.Tensor | None = None  # key router: (k, in_router) unit vectors, float16
     norm: torch.Tensor | None = None  # key router: (2, in_router) mean and std, float32
     group: int = 0  # which of the memory's groups (own merged delta and keys) it belongs to
+    answer_tokens: int = 0  # key router: its target's length in tokens (0: no decoding limit)
 
     def __post_init__(self) -> None:
         import torch
@@ -104,6 +105,10 @@ class WiseItem:
         if not isinstance(self.group, int) or self.group < 0:
             msg = f"WISE item group must be a non-negative integer, got {self.group!r}"
             raise InvalidRequestError(msg, field="group", value=self.group)
+        if not isinstance(self.answer_tokens, int) or self.answer_tokens < 0:
+            length = self.answer_tokens
+            msg = f"WISE item answer_tokens must be a non-negative integer, got {length!r}"
+            raise InvalidRequestError(msg, field="answer_tokens", value=length)
         if self.layout.router not in ROUTERS:
             msg = f"unknown WISE router {self.layout.router!r}; choose one of {list(ROUTERS)}"
             raise InvalidRequestError(msg, field="router", value=self.layout.router)
@@ -196,6 +201,7 @@ class SideMemory:
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (K, in_router)
     norm: torch.Tensor | None = None  # key router: (2, in_router)
+    windows: dict[int, int] = field(default_factory=dict)  # group -> decoding window (0: none)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -279,12 +285,15 @@ class SideMemory:
             if not members or not parts:
                 self.deltas.pop(group, None)
                 self.keys.pop(group, None)
+                self.windows.pop(group, None)
                 continue
             merged = ties(parts, self.layout.density).view(self.layout.shape)
             if not bool(torch.isfinite(merged).all()):
                 msg = f"merging the WISE shards at {self.layout.module} gives NaN/Inf; refused"
                 raise NonFiniteAdapterError(msg)
             self.deltas[group] = merged
+            lengths = [it.answer_tokens for it in members]
+            self.windows[group] = 0 if 0 in lengths else max(lengths)
             if self.layout.router == "keys":
                 self.keys[group] = torch.cat(
                     [
@@ -319,6 +328,16 @@ class SideMemory:
             return torch.full((*acts.shape[:-1], 0), -1.0, device=acts.device)
         z = standardise(acts, self.norm)
         return torch.stack([(z @ self.keys[g].T).amax(dim=-1) for g in groups], dim=-1)
+
+    def window_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Each routed row's decoding window (``index``: its group as an index into
+        :meth:`groups`): the longest target, in tokens, among its group's items; a very large
+        number where an item's length is unknown (no limit)."""
+        import torch
+
+        sizes = [self.windows.get(g, 0) or 2**30 for g in self.groups()] or [2**30]
+        table = torch.tensor(sizes, dtype=torch.long, device=index.device)
+        return table[index.clamp(0, len(sizes) - 1)]
 
     def match(self, acts: torch.Tensor) -> torch.Tensor:
         """Key router: whether each token's activation ``(..., in_router)`` at the router's
@@ -381,6 +400,7 @@ class SideMemory:
             self.device,
             keys={g: k.clone() for g, k in self.keys.items()},
             norm=self.norm,
+            windows=dict(self.windows),
         )
 
     def to(self, device: Any) -> None:
@@ -421,6 +441,7 @@ def item_to_bytes(item: WiseItem) -> bytes:
         "norm_digest": lay.norm_digest,
         "shard": item.shard,
         "group": item.group,
+        "answer_tokens": item.answer_tokens,
         "label": item.label,
         "mask_digest": item.mask_digest,
     }
@@ -467,10 +488,11 @@ def item_from_bytes(blob: bytes) -> WiseItem:
         digest = str(meta["mask_digest"])
         keys, norm = tensors.get("keys"), tensors.get("norm")
         group = int(meta.get("group", 0))
+        answer_tokens = int(meta.get("answer_tokens", 0))
     except IntegrityError:
         raise
     except Exception as exc:  # json, safetensors or a missing field
         msg = f"serialised WISE item is corrupt: {exc}"
         raise IntegrityError(msg) from exc
     shard, delta, acts, label = parts
-    return WiseItem(layout, shard, delta, acts, label, digest, keys, norm, group)
+    return WiseItem(layout, shard, delta, acts, label, digest, keys, norm, group, answer_tokens)

@@ -13,7 +13,8 @@ router on activations consults only for in-scope inputs.
   that already reaches the threshold on generic text or on the edit's own other tokens
   (``key_filter``); a token whose standardised activation has cosine
   >= ``router_threshold`` with some key sends its row to the side memory from that token on
-  (in generation, for the tokens decoded after it too); a row that matches no key runs bit for
+  (in generation, for as many decoded tokens as the longest target its group holds, then the
+  model continues on its own: ``answer_window``); a row that matches no key runs bit for
   bit as on the unedited model. ``"activation"`` is the paper's rule: a token goes to the side
   memory when ``||a (W_side - W_main)||`` exceeds ``act_ratio`` times the lowest score of any
   committed edit's in-scope tokens, per token. On SmolLM2-135M that score follows the
@@ -150,6 +151,9 @@ class WiseHparams:
     ``generic_weight`` / ``edit_weight``: the two protections (0 turns one off), with
     ``protect_rank`` directions of the key statistics from ``stats_tokens`` tokens;
     ``group_size``: edits per side memory with the key router (0: one memory for all);
+    ``answer_window``: in generation, a routed row returns to the main memory once as many
+    tokens as its group's longest target have been decoded (unless a new token matches a key);
+    False keeps it on the side memory to the end;
     ``prefixes``: how many of the built-in context prefixes (the bare prompt first) the edit
     is trained after (and, with the key router, keyed in); Adam with ``lr`` for at most
     ``steps`` steps, stopping once every target token has probability >= ``stop_prob``."""
@@ -183,6 +187,7 @@ class WiseHparams:
     key_tokens: str = "subject"
     key_filter: bool = True
     group_size: int = 50
+    answer_window: bool = True
 
     def __post_init__(self) -> None:
         def pos(v: float) -> bool:
@@ -217,6 +222,7 @@ class WiseHparams:
             "key_tokens": self.key_tokens in KEY_TOKENS,
             "key_filter": isinstance(self.key_filter, bool),
             "group_size": isinstance(self.group_size, int) and self.group_size >= 0,
+            "answer_window": isinstance(self.answer_window, bool),
         }
         check_hparams("WiseHparams", self.layer, checks, self)
 
@@ -256,6 +262,7 @@ class WiseAdapter:
         self._rows: dict[str, torch.Tensor] = {}  # key router: per memory, rows routed so far
         self._route: dict[str, torch.Tensor] = {}  # key router: this forward's decisions
         self._group: dict[str, torch.Tensor] = {}  # key router: each token's group (index)
+        self._since: dict[str, torch.Tensor] = {}  # key router: tokens decoded since a match
         self._fresh = True  # the current forward starts new sequences (no cache)
         self._valid: torch.Tensor | None = None  # this forward's attention mask
         self._where: dict[int, str] = {}  # edit id -> module of its item
@@ -366,12 +373,16 @@ class WiseAdapter:
             self._rows.clear()
             self._route.clear()
             self._group.clear()
+            self._since.clear()
             self._fresh, self._valid = True, None
 
     def _decide(self, module: str, memory: SideMemory, acts: torch.Tensor) -> torch.Tensor:
         """Key router, at its module's input: a row goes to the side memory from its first
-        token that matches a key on (and, in a generation step, if it went there before), to
-        the group whose keys it has matched best so far."""
+        token that matches a key on, to the group whose keys it has matched best so far. In a
+        generation step it stays there while fewer tokens than its group's window (the longest
+        target it holds, `SideMemory.window_of`) have been decoded since the prompt (or since
+        its latest token that matched a key): every target token is predicted by the side
+        memory, the text after it by the model."""
         import torch
 
         if acts.dim() != 3:  # an unbatched call: route nothing
@@ -386,11 +397,25 @@ class WiseAdapter:
             return acts
         best = sims.cummax(dim=1).values  # the row's best match so far, per group
         rows = self._rows.get(module)
-        if not self._fresh and rows is not None and rows.shape == (best.shape[0], best.shape[2]):
-            best = torch.maximum(best, rows[:, None, :])
+        shape = (best.shape[0], best.shape[2])
+        going = not self._fresh and rows is not None and rows.shape == shape
+        if going:
+            best = torch.maximum(best, rows[:, None, :])  # type: ignore[index]
         self._rows[module] = best[:, -1, :]
         value, group = best.max(dim=-1)
-        self._route[module] = value >= memory.layout.router_threshold
+        route = value >= memory.layout.router_threshold
+        batch, seq = route.shape
+        hit = sims.amax(dim=-1) >= memory.layout.router_threshold  # this token matches a key
+        pos = torch.arange(seq, device=acts.device).expand(batch, seq)
+        last = torch.where(hit, pos, torch.full_like(pos, -1)).cummax(dim=1).values
+        before = self._since.get(module)
+        if going and before is not None and before.shape == (batch,):
+            since = torch.where(last >= 0, pos - last, before[:, None] + pos + 1)
+            route = route & (since < memory.window_of(group))
+        else:  # a new prompt: its tokens are routed from the match on, decoding counts from 0
+            since = torch.zeros_like(pos)
+        self._since[module] = since[:, -1]
+        self._route[module] = route
         self._group[module] = group
         return acts
 
@@ -529,8 +554,10 @@ class WiseAdapter:
         batch = target_batch(tokenizer, pairs, device)
         route = torch.zeros(batch.ids.shape, dtype=torch.bool, device=device)
         spans = [_subject_span(tokenizer, p, request) for p in prefixes]
+        answer = 0  # the target's length in tokens: the row's decoding window
         for i, p in enumerate(prefixes):
             end = len(encode(tokenizer, f"{p}{request.prompt} {request.target_new}"))
+            answer = max(answer, end - len(encode(tokenizer, f"{p}{request.prompt}")), 1)
             # the key router sends a row to the side memory from the token its key is taken at
             first = lookup_index(tokenizer, p, request)
             if lay.router == "keys":
@@ -620,6 +647,7 @@ class WiseAdapter:
             keys,
             norm,
             group,
+            answer if hp.answer_window and keys is not None else 0,
         )
 
     def _keys(

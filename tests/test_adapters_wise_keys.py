@@ -1,11 +1,11 @@
 """WISE's key router (memedit.adapters, ``router="keys"``) on tiny random models: a token goes
 to the side memory when its standardised activation at the router's module is within the
 cosine threshold of an edit's key (the subject's last token, or each of its tokens; keys that
-reach other text are filtered out), and its row stays there from that
-token on, across cached generation steps too; rows that match no key run bit for bit as on the
-unedited model. Items carry their keys and the memory's standardisation through the edit log
-(format 2; format-1 items still read, as the activation router's), a reopened memory routes
-and answers the same, and rollback restores the state exactly."""
+reach other text are filtered out), and its row stays there from that token on (in cached
+generation until its group's longest target has been decoded); rows that match no key run bit
+for bit as on the unedited model. Items carry their keys and the memory's standardisation
+through the edit log (format 2; format-1 items still read, as the activation router's), a
+reopened memory routes and answers the same, and rollback restores the state exactly."""
 
 from __future__ import annotations
 
@@ -142,6 +142,53 @@ def test_cached_generation_keeps_a_routed_row_on_the_side_memory(tiny: Any) -> N
         cached = model.generate(**ids, max_new_tokens=len(target), do_sample=False, use_cache=True)
     # every target token, also those decoded from the cache, comes from the side memory
     assert cached[0, ids["input_ids"].shape[1] :].tolist() == target
+
+
+def _decode_routes(model: Any, tok: Any, adapter: WiseAdapter, extra: int) -> list[bool]:
+    """Whether the last token of each forward of a cached generation of the target plus
+    ``extra`` tokens was routed (the prefill first, then one entry per decoding step)."""
+    [memory] = adapter.memories.values()
+    seen: list[bool] = []
+
+    def record(*_: Any) -> None:
+        seen.append(bool(adapter._route[memory.layout.module][0, -1]))
+
+    ids = tok(REQ.prompt, return_tensors="pt")
+    n = len(tok(" Paris", add_special_tokens=False)["input_ids"])
+    handle = model.register_forward_hook(record)
+    try:
+        with adapter.active(), torch.no_grad():
+            model.generate(
+                **ids, max_new_tokens=n + extra, min_new_tokens=n + extra, do_sample=False
+            )
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_generation_leaves_the_side_memory_after_the_answer(tiny: Any) -> None:
+    model, tok = tiny
+    n = len(tok(" Paris", add_special_tokens=False)["input_ids"])
+    adapter = WiseAdapter(model)
+    adapter.commit([1], adapter.prepare(tok, [REQ], HP))
+    [memory] = adapter.memories.values()
+    assert adapter.item(1).answer_tokens == n and memory.windows == {0: n}
+    # the forwards that predict the n target tokens (the prompt's, then n - 1 decoding steps)
+    # are routed; the rest are not
+    routes = _decode_routes(model, tok, adapter, extra=4)
+    assert len(routes) == n + 4 and routes[:n] == [True] * n and not any(routes[n:])
+    assert adapter._since == {}  # the generation's state goes with the hooks
+    # answer_window=False keeps the row on the side memory to the end, as before
+    held = WiseAdapter(model)
+    held.commit([1], held.prepare(tok, [REQ], {**HP, "answer_window": False}))
+    assert held.item(1).answer_tokens == 0
+    assert _decode_routes(model, tok, held, extra=4) == [True] * (n + 4)
+    # the window travels with the item, and a group's is its longest target's
+    assert item_from_bytes(item_to_bytes(adapter.item(1))).answer_tokens == n
+    adapter.commit([2], adapter.prepare(tok, [REQ2], HP))
+    longest = max(n, len(tok(" Berlin", add_special_tokens=False)["input_ids"]))
+    assert memory.windows == {0: longest}
+    assert memory.window_of(torch.zeros(2, dtype=torch.long)).tolist() == [longest] * 2
 
 
 def test_a_reopened_memory_routes_and_answers_the_same_and_rollback_is_exact(tiny: Any) -> None:
