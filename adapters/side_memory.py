@@ -98,6 +98,7 @@ class WiseItem:
     norm: torch.Tensor | None = None  # key router: (2, in_router) mean and std, float32
     group: int = 0  # which of the memory's groups (own merged delta and keys) it belongs to
     answer_tokens: int = 0  # key router: its target's length in tokens (0: no decoding limit)
+    offsets: torch.Tensor | None = None  # key router: (k,) each key's threshold over the layout's
 
     def __post_init__(self) -> None:
         import torch
@@ -127,6 +128,12 @@ class WiseItem:
             if not (torch.isfinite(k).all() and torch.isfinite(n).all()):
                 msg = f"WISE item for {self.label!r} has NaN/Inf in its router keys; refused"
                 raise NonFiniteAdapterError(msg)
+            off = self.offsets
+            if off is not None and (
+                off.shape != (k.shape[0],) or not bool(torch.isfinite(off).all())
+            ):
+                msg = f"WISE item for {self.label!r}: key offsets {tuple(off.shape)} do not fit"
+                raise InvalidRequestError(msg, field="offsets", value=tuple(off.shape))
             if norm_digest(n) != self.layout.norm_digest:
                 msg = f"WISE item for {self.label!r}: its router norm does not match its layout"
                 raise IntegrityError(msg)
@@ -200,6 +207,7 @@ class SideMemory:
     device: Any = None
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (K, in_router)
+    offsets: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (K,), if any
     norm: torch.Tensor | None = None  # key router: (2, in_router)
     windows: dict[int, int] = field(default_factory=dict)  # group -> decoding window (0: none)
 
@@ -285,6 +293,7 @@ class SideMemory:
             if not members or not parts:
                 self.deltas.pop(group, None)
                 self.keys.pop(group, None)
+                self.offsets.pop(group, None)
                 self.windows.pop(group, None)
                 continue
             merged = ties(parts, self.layout.density).view(self.layout.shape)
@@ -295,13 +304,15 @@ class SideMemory:
             lengths = [it.answer_tokens for it in members]
             self.windows[group] = 0 if 0 in lengths else max(lengths)
             if self.layout.router == "keys":
+                keyed = [it for it in members if it.keys is not None]
                 self.keys[group] = torch.cat(
-                    [
-                        it.keys.to(self.device, torch.float32)
-                        for it in members
-                        if it.keys is not None
-                    ]
+                    [it.keys.to(self.device, torch.float32) for it in keyed]  # type: ignore[union-attr]
                 )
+                self.offsets.pop(group, None)
+                if any(it.offsets is not None and bool(it.offsets.any()) for it in keyed):
+                    self.offsets[group] = torch.cat(
+                        [_offsets(it).to(self.device, torch.float32) for it in keyed]
+                    )
         if not self.items:
             self.threshold, self.norm = float("inf"), None
             return
@@ -320,14 +331,21 @@ class SideMemory:
 
     def group_sims(self, acts: torch.Tensor) -> torch.Tensor:
         """Key router: each token's best cosine with the keys of each group, ``(..., groups)``
-        in the order of :meth:`groups` (standardised activations at the router's module)."""
+        in the order of :meth:`groups` (standardised activations at the router's module),
+        each key's cosine less its offset (a key with a higher threshold than the layout's,
+        such as one at a fragment of a word, must match that much better)."""
         import torch
 
         groups = self.groups()
         if self.norm is None or not groups:
             return torch.full((*acts.shape[:-1], 0), -1.0, device=acts.device)
         z = standardise(acts, self.norm)
-        return torch.stack([(z @ self.keys[g].T).amax(dim=-1) for g in groups], dim=-1)
+        sims = []
+        for g in groups:
+            s = z @ self.keys[g].T
+            off = self.offsets.get(g)
+            sims.append((s if off is None else s - off).amax(dim=-1))
+        return torch.stack(sims, dim=-1)
 
     def window_of(self, index: torch.Tensor) -> torch.Tensor:
         """Each routed row's decoding window (``index``: its group as an index into
@@ -399,6 +417,7 @@ class SideMemory:
             self.threshold,
             self.device,
             keys={g: k.clone() for g, k in self.keys.items()},
+            offsets={g: o.clone() for g, o in self.offsets.items()},
             norm=self.norm,
             windows=dict(self.windows),
         )
@@ -411,8 +430,19 @@ class SideMemory:
         self.shard_deltas = {s: d.to(device) for s, d in self.shard_deltas.items()}
         self.deltas = {g: d.to(device) for g, d in self.deltas.items()}
         self.keys = {g: k.to(device) for g, k in self.keys.items()}
+        self.offsets = {g: o.to(device) for g, o in self.offsets.items()}
         if self.norm is not None:
             self.norm = self.norm.to(device)
+
+
+def _offsets(item: WiseItem) -> torch.Tensor:
+    """An item's per-key threshold offsets (zeros when it has none)."""
+    import torch
+
+    assert item.keys is not None
+    if item.offsets is None:
+        return torch.zeros(item.keys.shape[0])
+    return item.offsets
 
 
 def _slot(item: WiseItem) -> tuple[int, int]:
@@ -452,6 +482,8 @@ def item_to_bytes(item: WiseItem) -> bytes:
     if item.keys is not None and item.norm is not None:
         tensors["keys"] = item.keys.detach().to("cpu", torch.float16).contiguous()
         tensors["norm"] = item.norm.detach().to("cpu", torch.float32).contiguous()
+        if item.offsets is not None:
+            tensors["offsets"] = item.offsets.detach().to("cpu", torch.float32).contiguous()
     head = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     return _MAGIC + len(head).to_bytes(8, "little") + head + save(tensors)
 
@@ -486,7 +518,7 @@ def item_from_bytes(blob: bytes) -> WiseItem:
         )
         parts = (int(meta["shard"]), tensors["delta"], tensors["acts"], str(meta["label"]))
         digest = str(meta["mask_digest"])
-        keys, norm = tensors.get("keys"), tensors.get("norm")
+        keys, norm, offsets = tensors.get("keys"), tensors.get("norm"), tensors.get("offsets")
         group = int(meta.get("group", 0))
         answer_tokens = int(meta.get("answer_tokens", 0))
     except IntegrityError:
@@ -495,4 +527,6 @@ def item_from_bytes(blob: bytes) -> WiseItem:
         msg = f"serialised WISE item is corrupt: {exc}"
         raise IntegrityError(msg) from exc
     shard, delta, acts, label = parts
-    return WiseItem(layout, shard, delta, acts, label, digest, keys, norm, group, answer_tokens)
+    return WiseItem(
+        layout, shard, delta, acts, label, digest, keys, norm, group, answer_tokens, offsets
+    )

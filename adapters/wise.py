@@ -12,7 +12,8 @@ router on activations consults only for in-scope inputs.
   per-feature mean and standard deviation over generic text (`NORM_TEXTS`), less any key
   that already reaches the threshold on generic text or on the edit's own other tokens
   (``key_filter``); a token whose standardised activation has cosine
-  >= ``router_threshold`` with some key sends its row to the side memory from that token on
+  >= ``router_threshold`` with some key (``fragment_threshold`` for a key at a fragment of a
+  word) sends its row to the side memory from that token on
   (in generation, for as many decoded tokens as the longest target its group holds, then the
   model continues on its own: ``answer_window``); a row that matches no key runs bit for
   bit as on the unedited model. ``"activation"`` is the paper's rule: a token goes to the side
@@ -138,9 +139,11 @@ class WiseHparams:
     sharding; ``density``: TIES trimming (1.0 keeps every trained entry); ``router``:
     ``"keys"`` or ``"activation"`` (module docstring); ``router_layer`` (None:
     ``router_fraction`` of the depth, never above ``layer``) and ``router_threshold``: the key
-    router's module and cosine threshold; ``key_tokens``: where the keys are taken,
-    ``"subject"`` (every subject token) or ``"last"`` (the subject's last token only: fewer
-    unrelated questions routed, fewer rephrasings too); ``key_filter``: drop the keys that
+    router's module and cosine threshold; ``fragment_threshold``: the higher threshold of a
+    key at a token the next subject token continues (the first pieces of a split word);
+    ``key_tokens``: where the keys are taken, ``"subject"`` (every subject token) or
+    ``"last"`` (the subject's last token only: fewer unrelated questions routed, fewer
+    rephrasings too); ``key_filter``: drop the keys that
     would route text other than the subject (see `WiseAdapter._keys`); ``act_ratio``: the
     activation router's threshold as a fraction of the lowest edit score; ``alpha`` / ``beta`` /
     ``gamma``: the score margins, as fractions of the main memory's median output norm over
@@ -183,7 +186,8 @@ class WiseHparams:
     router: str = "keys"
     router_layer: int | None = None
     router_fraction: float = 0.47
-    router_threshold: float = 0.76
+    router_threshold: float = 0.74
+    fragment_threshold: float = 0.82
     key_tokens: str = "subject"
     key_filter: bool = True
     group_size: int = 50
@@ -219,6 +223,7 @@ class WiseHparams:
             or (isinstance(self.router_layer, int) and self.router_layer >= 0),
             "router_fraction": 0.0 <= self.router_fraction <= 1.0,
             "router_threshold": -1.0 <= self.router_threshold <= 1.0,
+            "fragment_threshold": -1.0 <= self.fragment_threshold <= 1.0,
             "key_tokens": self.key_tokens in KEY_TOKENS,
             "key_filter": isinstance(self.key_filter, bool),
             "group_size": isinstance(self.group_size, int) and self.group_size >= 0,
@@ -564,9 +569,9 @@ class WiseAdapter:
                 first = spans[i][1] if hp.key_tokens == "last" else spans[i][0]
             route[i, first:end] = True
         irrelevant = batch.mask.bool() & ~route
-        keys = None
+        keys = offsets = None
         if lay.router == "keys":
-            keys = self._keys(tokenizer, hp, batch.ids, batch.mask, spans, lay)
+            keys, offsets = self._keys(tokenizer, hp, batch.ids, batch.mask, spans, lay)
         base = memory.deltas[group].flatten() if group in memory.deltas else None
         index = memory.mask(shard)
         change = torch.zeros(index.numel(), device=device, requires_grad=True)
@@ -648,6 +653,7 @@ class WiseAdapter:
             norm,
             group,
             answer if hp.answer_window and keys is not None else 0,
+            offsets,
         )
 
     def _keys(
@@ -658,13 +664,14 @@ class WiseAdapter:
         mask: torch.Tensor,
         spans: list[tuple[int, int]],
         lay: WiseLayout,
-    ) -> torch.Tensor:
-        """The key router's keys of one edit: the router module's input at each of the
-        subject's tokens (``key_tokens="subject"``) or at its last token only (``"last"``) in
-        each context-prefixed prompt, standardised (float16, unit length). Keys at a subject's
-        earlier tokens ("K" of a name, " Le" of "Leizarraga") also match fragments of other
-        names; last-token keys route fewer unrelated questions but miss more rephrasings
-        (ZsRE, T = 100: Gen 66.4 against 76.8; BENCHMARKS.md).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The key router's keys of one edit and their threshold offsets (None: all 0): the
+        router module's input at each of the subject's tokens (``key_tokens="subject"``) or at
+        its last token only (``"last"``) in each context-prefixed prompt, standardised
+        (float16, unit length). Keys at a subject's earlier tokens ("K" of a name, " Le" of
+        "Leizarraga") also match fragments of other names; last-token keys route fewer
+        unrelated questions but miss more rephrasings (ZsRE, T = 100: Gen 66.4 against 76.8;
+        BENCHMARKS.md).
 
         With ``key_filter`` a key is dropped when it reaches the threshold on a token that is
         not the subject: the edit's own other tokens (relation words, target) or generic text
@@ -672,7 +679,12 @@ class WiseAdapter:
         as " of", "-", "." or the space before a number; their keys match nearly any
         question and would send it to this edit's group (on ZsRE, 100 such edits took
         rephrase accuracy from 79 to 30 and NQ locality from 98.6 to 66). When every key
-        would go, the one that matches generic text least is kept."""
+        would go, the one that matches generic text least is kept.
+
+        A key at a fragment of a word (a token the next subject token continues: " H" of
+        " Harkness", " Cop" of " Coppola") is known before the rest of the word, so it stands
+        for many names; it routes only at cosine >= ``fragment_threshold`` (its offset). On
+        ZsRE those keys were the last unrelated NQ questions routed (BENCHMARKS.md)."""
         import torch
 
         from memedit.intrinsic.compute import capture
@@ -682,8 +694,15 @@ class WiseAdapter:
         z = standardise(inp, norm)
         taken = [(b, b) for _, b in spans] if hp.key_tokens == "last" else spans
         keys = torch.cat([z[i, a : b + 1] for i, (a, b) in enumerate(taken)])
+        extra = max(0.0, hp.fragment_threshold - lay.router_threshold)
+        fragment = [
+            t < spans[i][1] and _continues(tokenizer, int(ids[i, t]), int(ids[i, t + 1]))
+            for i, (a, b) in enumerate(taken)
+            for t in range(a, b + 1)
+        ]
+        offsets = torch.tensor([extra if f else 0.0 for f in fragment], dtype=torch.float32)
         if not hp.key_filter:
-            return keys.to(torch.float16).cpu()
+            return keys.to(torch.float16).cpu(), offsets if bool(offsets.any()) else None
         other = mask[: len(spans)].bool().clone()
         other[:, 0] = False
         for i, (a, b) in enumerate(spans):
@@ -694,7 +713,8 @@ class WiseAdapter:
         if not bool(keep.any()):
             keep = reach == reach.min()
         log.debug("WISE keys: %d of %d kept", int(keep.sum()), keys.shape[0])
-        return keys[keep].to(torch.float16).cpu()
+        offsets = offsets[keep.cpu()]
+        return keys[keep].to(torch.float16).cpu(), offsets if bool(offsets.any()) else None
 
     def _reference(
         self, tokenizer: PreTrainedTokenizerBase, hp: WiseHparams, lay: WiseLayout
@@ -787,6 +807,15 @@ def _subject_span(
     hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
     first = max(hits[0], 1) if hits else last
     return min(first, last), last
+
+
+def _continues(tokenizer: PreTrainedTokenizerBase, token: int, after: int) -> bool:
+    """Whether token ``after`` continues the word ``token`` is in (no space or punctuation
+    between them), judged on the decoded text so that any tokenizer's word marks work."""
+    alone = str(tokenizer.decode([token]))
+    pair = str(tokenizer.decode([token, after]))
+    rest = pair[len(alone) :] if pair.startswith(alone) else pair[len(alone.strip()) :]
+    return rest[:1].isalnum()
 
 
 def _layer_of(model: nn.Module, module: str) -> int:

@@ -70,6 +70,22 @@ def test_match_compares_standardised_activations_with_the_keys() -> None:
     assert mem.apply(acts, out, nothing).data_ptr() == out.data_ptr()  # untouched
 
 
+def test_a_key_with_an_offset_must_match_that_much_better() -> None:
+    norm = torch.stack([torch.zeros(3), torch.ones(3)])
+    plain = _keys_item([[1.0, 0.0, 0.0]], norm)
+    item = WiseItem(**{**plain.__dict__, "offsets": torch.tensor([0.08])})
+    acts = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.3, 0.0], [1.0, 0.5, 0.0]]])  # cos 1, .96, .89
+    for it, expect in ((plain, [True, True, False]), (item, [True, False, False])):
+        mem = SideMemory(it.layout)
+        mem.add_many([(1, it)])
+        assert mem.match(acts).tolist() == [expect]
+    back = item_from_bytes(item_to_bytes(item))
+    assert back.offsets is not None and torch.equal(back.offsets, item.offsets)
+    assert item_from_bytes(item_to_bytes(plain)).offsets is None
+    with pytest.raises(InvalidRequestError, match="offsets"):  # one offset per key
+        WiseItem(**{**plain.__dict__, "offsets": torch.zeros(2)})
+
+
 def test_key_items_round_trip_and_are_checked() -> None:
     norm = torch.stack([torch.zeros(3), torch.ones(3)])
     item = _keys_item([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], norm)
@@ -277,6 +293,38 @@ def test_keys_are_taken_at_the_subjects_last_token_or_at_each_of_its_tokens(tiny
     assert torch.equal(last[0], expect)
     with pytest.raises(InvalidRequestError, match="key_tokens"):
         WiseAdapter(model).prepare(tok, [REQ], {**HP, "key_tokens": "first"})
+
+
+def test_keys_at_fragments_of_a_word_get_the_fragment_threshold(tiny: Any) -> None:
+    from memedit.adapters.wise import PREFIXES, _continues, _subject_span
+
+    model, tok = tiny
+    hp = {**HP, "key_filter": False, "router_threshold": 0.7, "fragment_threshold": 0.8}
+    req = EditRequest(
+        prompt="Where did Leo Harkness die?", target_new="Paris", subject="Leo Harkness"
+    )
+    adapter = WiseAdapter(model)
+    adapter.commit([1], adapter.prepare(tok, [req], {**hp, "steps": 0}))
+    item = adapter.item(1)
+    assert item.keys is not None
+    expect = []
+    for p in PREFIXES[:2]:
+        ids = tok(p + req.prompt, add_special_tokens=False)["input_ids"]
+        a, b = _subject_span(tok, p, req)
+        expect += [
+            0.1 if t < b and _continues(tok, ids[t], ids[t + 1]) else 0.0 for t in range(a, b + 1)
+        ]
+    assert 0.1 in expect and 0.0 in expect  # " Harkness" is split into pieces
+    assert item.offsets is not None and item.offsets.shape == (item.keys.shape[0],)
+    assert torch.allclose(item.offsets, torch.tensor(expect))
+    assert [
+        _continues(tok, *tok(w, add_special_tokens=False)["input_ids"][:2])
+        for w in (" Harkness", " Leo Arons")
+    ] == [True, False]
+    # no higher threshold for fragments: no offsets at all
+    same = WiseAdapter(model)
+    same.commit([1], same.prepare(tok, [req], {**hp, "steps": 0, "fragment_threshold": 0.7}))
+    assert same.item(1).offsets is None
 
 
 def test_the_filter_drops_keys_that_reach_other_text_but_keeps_one(
