@@ -24,6 +24,7 @@ every other by the main memory; when none does the module's output is returned u
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -210,6 +211,9 @@ class SideMemory:
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (K,), if any
     norm: torch.Tensor | None = None  # key router: (2, in_router)
     windows: dict[int, int] = field(default_factory=dict)  # group -> decoding window (0: none)
+    _flat: tuple[torch.Tensor, list[int]] | None = (
+        None  # every group's keys (and offsets), one matrix
+    )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -286,6 +290,7 @@ class SideMemory:
         shards and items, and the activation router's threshold."""
         import torch
 
+        self._flat = None
         todo = {it.group for it in self.items.values()} | set(self.deltas)
         for group in sorted(todo if groups is None else groups):
             parts = [d for (g, _), d in sorted(self.shard_deltas.items()) if g == group]
@@ -340,12 +345,32 @@ class SideMemory:
         if self.norm is None or not groups:
             return torch.full((*acts.shape[:-1], 0), -1.0, device=acts.device)
         z = standardise(acts, self.norm)
-        sims = []
-        for g in groups:
-            s = z @ self.keys[g].T
-            off = self.offsets.get(g)
-            sims.append((s if off is None else s - off).amax(dim=-1))
-        return torch.stack(sims, dim=-1)
+        if self._flat is None:
+            self._flat = self._stack(groups)
+        keys, bounds = self._flat
+        if keys.shape[1] > z.shape[-1]:  # offsets folded in: z . k - offset in one product
+            z = torch.cat([z, -torch.ones_like(z[..., :1])], dim=-1)
+        sims = z @ keys.T
+        return torch.stack(
+            [sims[..., a:b].amax(dim=-1) for a, b in itertools.pairwise(bounds)],
+            dim=-1,
+        )
+
+    def _stack(self, groups: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Every group's keys in one matrix (a column of offsets appended when some key has
+        one) and where each group's rows start: the router's match is one product."""
+        import torch
+
+        keys = [self.keys[g] for g in groups]
+        if self.offsets:
+            keys = [
+                torch.cat([k, self.offsets.get(g, k.new_zeros(k.shape[0]))[:, None]], dim=1)
+                for g, k in zip(groups, keys, strict=True)
+            ]
+        bounds = [0]
+        for k in keys:
+            bounds.append(bounds[-1] + k.shape[0])
+        return torch.cat(keys), bounds
 
     def window_of(self, index: torch.Tensor) -> torch.Tensor:
         """Each routed row's decoding window (``index``: its group as an index into
@@ -427,6 +452,7 @@ class SideMemory:
             return
         self.device = device
         self._masks.clear()
+        self._flat = None
         self.shard_deltas = {s: d.to(device) for s, d in self.shard_deltas.items()}
         self.deltas = {g: d.to(device) for g, d in self.deltas.items()}
         self.keys = {g: k.to(device) for g, k in self.keys.items()}
