@@ -350,7 +350,7 @@ class SideMemory:
         keys, bounds = self._flat
         if keys.shape[1] > z.shape[-1]:  # offsets folded in: z . k - offset in one product
             z = torch.cat([z, -torch.ones_like(z[..., :1])], dim=-1)
-        sims = z @ keys.T
+        sims = (z.to(keys.dtype) @ keys.T).float()
         return torch.stack(
             [sims[..., a:b].amax(dim=-1) for a, b in itertools.pairwise(bounds)],
             dim=-1,
@@ -358,7 +358,10 @@ class SideMemory:
 
     def _stack(self, groups: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Every group's keys in one matrix (a column of offsets appended when some key has
-        one) and where each group's rows start: the router's match is one product."""
+        one) and where each group's rows start: the router's match is one product. The
+        matrix is float16, as the keys are stored: the product reads it whole for every token,
+        and at 500 edits (4,724 keys, 29 MB in float32) that read, not the arithmetic, is the
+        router's cost inside a forward; cosines move by < 1e-4 (BENCHMARKS.md)."""
         import torch
 
         keys = [self.keys[g] for g in groups]
@@ -370,7 +373,7 @@ class SideMemory:
         bounds = [0]
         for k in keys:
             bounds.append(bounds[-1] + k.shape[0])
-        return torch.cat(keys), bounds
+        return torch.cat(keys).to(torch.float16), bounds
 
     def window_of(self, index: torch.Tensor) -> torch.Tensor:
         """Each routed row's decoding window (``index``: its group as an index into

@@ -87,7 +87,7 @@ def test_a_key_with_an_offset_must_match_that_much_better() -> None:
     expect_sims = torch.stack(
         [(z @ plain.keys.float().T).amax(-1), (z @ other.keys.float().T - 0.08).amax(-1)], -1
     )
-    assert torch.allclose(mem.group_sims(acts), expect_sims, atol=1e-6)
+    assert torch.allclose(mem.group_sims(acts), expect_sims, atol=1e-3)
     back = item_from_bytes(item_to_bytes(item))
     assert back.offsets is not None and torch.equal(back.offsets, item.offsets)
     assert item_from_bytes(item_to_bytes(plain)).offsets is None
