@@ -208,7 +208,6 @@ class SideMemory:
     device: Any = None
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (K, in_router)
-    offsets: dict[int, torch.Tensor] = field(default_factory=dict)  # group -> (K,), if any
     norm: torch.Tensor | None = None  # key router: (2, in_router)
     windows: dict[int, int] = field(default_factory=dict)  # group -> decoding window (0: none)
     _flat: tuple[torch.Tensor, list[int]] | None = (
@@ -298,7 +297,6 @@ class SideMemory:
             if not members or not parts:
                 self.deltas.pop(group, None)
                 self.keys.pop(group, None)
-                self.offsets.pop(group, None)
                 self.windows.pop(group, None)
                 continue
             merged = ties(parts, self.layout.density).view(self.layout.shape)
@@ -313,11 +311,6 @@ class SideMemory:
                 self.keys[group] = torch.cat(
                     [it.keys.to(self.device, torch.float32) for it in keyed]  # type: ignore[union-attr]
                 )
-                self.offsets.pop(group, None)
-                if any(it.offsets is not None and bool(it.offsets.any()) for it in keyed):
-                    self.offsets[group] = torch.cat(
-                        [_offsets(it).to(self.device, torch.float32) for it in keyed]
-                    )
         if not self.items:
             self.threshold, self.norm = float("inf"), None
             return
@@ -365,9 +358,13 @@ class SideMemory:
         import torch
 
         keys = [self.keys[g] for g in groups]
-        if self.offsets:
-            keys = [
-                torch.cat([k, self.offsets.get(g, k.new_zeros(k.shape[0]))[:, None]], dim=1)
+        keyed = [it for it in self.items.values() if it.keys is not None]
+        if any(it.offsets is not None and bool(it.offsets.any()) for it in keyed):
+            keys = [  # each group's offsets in the order merge() concatenated its keys
+                torch.cat(
+                    [k, torch.cat([_offsets(it) for it in keyed if it.group == g])[:, None].to(k)],
+                    dim=1,
+                )
                 for g, k in zip(groups, keys, strict=True)
             ]
         bounds = [0]
@@ -445,7 +442,6 @@ class SideMemory:
             self.threshold,
             self.device,
             keys={g: k.clone() for g, k in self.keys.items()},
-            offsets={g: o.clone() for g, o in self.offsets.items()},
             norm=self.norm,
             windows=dict(self.windows),
         )
@@ -459,7 +455,6 @@ class SideMemory:
         self.shard_deltas = {s: d.to(device) for s, d in self.shard_deltas.items()}
         self.deltas = {g: d.to(device) for g, d in self.deltas.items()}
         self.keys = {g: k.to(device) for g, k in self.keys.items()}
-        self.offsets = {g: o.to(device) for g, o in self.offsets.items()}
         if self.norm is not None:
             self.norm = self.norm.to(device)
 
