@@ -154,6 +154,9 @@ class WiseHparams:
     ``generic_weight`` / ``edit_weight``: the two protections (0 turns one off), with
     ``protect_rank`` directions of the key statistics from ``stats_tokens`` tokens;
     ``group_size``: edits per side memory with the key router (0: one memory for all);
+    ``leading_subject_keys``: also key the subject as it reads when it opens the text
+    ("Kanye West's child is named"; the subject encoded alone, its first token left out), which
+    the prompt's own keys, taken after other words, miss (WikiData_counterfact rephrasings);
     ``answer_window``: in generation, a routed row returns to the main memory once as many
     tokens as its group's longest target have been decoded (unless a new token matches a key);
     False keeps it on the side memory to the end;
@@ -191,6 +194,7 @@ class WiseHparams:
     key_tokens: str = "subject"
     key_filter: bool = True
     group_size: int = 50
+    leading_subject_keys: bool = False
     answer_window: bool = True
 
     def __post_init__(self) -> None:
@@ -227,6 +231,7 @@ class WiseHparams:
             "key_tokens": self.key_tokens in KEY_TOKENS,
             "key_filter": isinstance(self.key_filter, bool),
             "group_size": isinstance(self.group_size, int) and self.group_size >= 0,
+            "leading_subject_keys": isinstance(self.leading_subject_keys, bool),
             "answer_window": isinstance(self.answer_window, bool),
         }
         check_hparams("WiseHparams", self.layer, checks, self)
@@ -571,7 +576,7 @@ class WiseAdapter:
         irrelevant = batch.mask.bool() & ~route
         keys = offsets = None
         if lay.router == "keys":
-            keys, offsets = self._keys(tokenizer, hp, batch.ids, batch.mask, spans, lay)
+            keys, offsets = self._keys(tokenizer, hp, batch.ids, batch.mask, spans, lay, request)
         base = memory.deltas[group].flatten() if group in memory.deltas else None
         index = memory.mask(shard)
         change = torch.zeros(index.numel(), device=device, requires_grad=True)
@@ -664,6 +669,7 @@ class WiseAdapter:
         mask: torch.Tensor,
         spans: list[tuple[int, int]],
         lay: WiseLayout,
+        request: EditRequest,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The key router's keys of one edit and their threshold offsets (None: all 0): the
         router module's input at each of the subject's tokens (``key_tokens="subject"``) or at
@@ -684,7 +690,10 @@ class WiseAdapter:
         A key at a fragment of a word (a token the next subject token continues: " H" of
         " Harkness", " Cop" of " Coppola") is known before the rest of the word, so it stands
         for many names; it routes only at cosine >= ``fragment_threshold`` (its offset). On
-        ZsRE those keys were the last unrelated NQ questions routed (BENCHMARKS.md)."""
+        ZsRE those keys were the last unrelated NQ questions routed (BENCHMARKS.md).
+
+        With ``leading_subject_keys`` the subject encoded alone adds its keys (from its second
+        token; a one-token subject adds none), filtered and offset like the others."""
         import torch
 
         from memedit.intrinsic.compute import capture
@@ -700,6 +709,11 @@ class WiseAdapter:
             for i, (a, b) in enumerate(taken)
             for t in range(a, b + 1)
         ]
+        if hp.leading_subject_keys and request.subject:
+            lead = self._leading_keys(tokenizer, hp, lay, request.subject, norm)
+            if lead is not None:
+                keys = torch.cat([keys, lead[0].to(keys.device)])
+                fragment += lead[1]
         offsets = torch.tensor([extra if f else 0.0 for f in fragment], dtype=torch.float32)
         if not hp.key_filter:
             return keys.to(torch.float16).cpu(), offsets if bool(offsets.any()) else None
@@ -715,6 +729,34 @@ class WiseAdapter:
         log.debug("WISE keys: %d of %d kept", int(keep.sum()), keys.shape[0])
         offsets = offsets[keep.cpu()]
         return keys[keep].to(torch.float16).cpu(), offsets if bool(offsets.any()) else None
+
+    def _leading_keys(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        hp: WiseHparams,
+        lay: WiseLayout,
+        subject: str,
+        norm: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[bool]] | None:
+        """Standardised router inputs at the tokens of ``subject`` encoded alone (as it reads
+        opening a text), the first token left out, with which of them are word fragments;
+        None when the subject is a single token."""
+        import torch
+
+        from memedit.intrinsic.compute import capture, encode
+
+        ids = encode(tokenizer, subject)
+        if len(ids) < 2:
+            return None
+        batch = torch.tensor([ids], device=self._device())
+        inp, _ = capture(self.model, lay.router_module, batch, torch.ones_like(batch))
+        z = standardise(inp, norm.to(inp.device))[0]
+        first = len(ids) - 1 if hp.key_tokens == "last" else 1
+        fragment = [
+            t < len(ids) - 1 and _continues(tokenizer, ids[t], ids[t + 1])
+            for t in range(first, len(ids))
+        ]
+        return z[first:], fragment
 
     def _reference(
         self, tokenizer: PreTrainedTokenizerBase, hp: WiseHparams, lay: WiseLayout

@@ -359,3 +359,37 @@ def test_the_filter_drops_keys_that_reach_other_text_but_keeps_one(
     # generic text that holds every key: one key is still kept, so the edit stays routable
     monkeypatch.setattr(WiseAdapter, "_reference", lambda self, *a: raw)
     assert _subject_keys(model, tok, hp).shape[0] >= 1
+
+
+def test_leading_subject_keys_key_the_subject_as_it_opens_a_text(tiny: Any) -> None:
+    from memedit.intrinsic.compute import capture
+
+    model, tok = tiny
+    raw = {**HP, "key_filter": False, "key_tokens": "subject", "fragment_threshold": 0.9}
+    plain = _subject_keys(model, tok, raw)
+    adapter = WiseAdapter(model)
+    adapter.commit([1], adapter.prepare(tok, [REQ], {**raw, "leading_subject_keys": True}))
+    [memory] = adapter.memories.values()
+    keys = adapter.item(1).keys
+    assert keys is not None and memory.norm is not None
+    ids = tok(REQ.subject, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] >= 2
+    # the prompt's keys first, then one per token of the subject alone but its first
+    assert keys.shape[0] == plain.shape[0] + ids.shape[1] - 1
+    assert torch.equal(keys[: plain.shape[0]].float(), plain)
+    inp, _ = capture(model, memory.layout.router_module, ids, torch.ones_like(ids))
+    expect = standardise(inp[0, 1:], memory.norm).to(torch.float16)
+    assert torch.equal(keys[plain.shape[0] :], expect)
+    # a text that opens with the subject now reaches a key at each of its tokens but the first
+    text = tok(f"{REQ.subject}'s place of death is", return_tensors="pt")["input_ids"]
+    acts, _ = capture(model, memory.layout.router_module, text, torch.ones_like(text))
+    assert memory.match(acts[0, 1 : ids.shape[1]]).all()
+    # a one-token subject adds no key
+    one = EditRequest(prompt="The sky is", target_new="green", subject="The")
+    assert len(tok(one.subject)["input_ids"]) == 1
+    a = WiseAdapter(model)
+    a.commit([1], a.prepare(tok, [one], {**raw, "steps": 0}))
+    b = WiseAdapter(model)
+    b.commit([1], b.prepare(tok, [one], {**raw, "steps": 0, "leading_subject_keys": True}))
+    k_a, k_b = a.item(1).keys, b.item(1).keys
+    assert k_a is not None and k_b is not None and torch.equal(k_a, k_b)
