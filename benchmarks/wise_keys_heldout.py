@@ -57,7 +57,8 @@ def main() -> None:
     cf_records = load_requests("WikiData_counterfact", limit=args.cf)
     cf = [f"{p.prompt} {p.answers[0] if p.answers else ''}" for r in cf_records for p in r.locality]
     cf = cf[: args.cf]
-    given = parse_strategy(f"adapter:wise@{args.options}").options if args.options else {}
+    spec = parse_strategy(f"adapter:wise@{args.options}")
+    given = spec.config()["options"] if args.options else {}
     hp = {**given, "steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
     hp.setdefault("irrelevant_size", 32)
     size = WiseHparams(**hp).group_size or len(reqs)
