@@ -100,7 +100,9 @@ class TPatcherHparams:
     memory losses' weights; ``bound``: the pre-activation the patch must stay below on memory
     tokens (0: exactly silent); ``memory_size``: train records of ``memory_dataset`` whose
     questions join the memory (0: built-in texts and the subject contexts only);
-    ``per_token``: one neuron per target token (False: one per edit); Adam with ``lr`` (keys
+    ``per_token``: one neuron per target token (False: one per edit); ``quiet_after``: the
+    target's last token (where generation goes on once the answer is out) joins the memory,
+    so no neuron fires there and the answer is not said again; Adam with ``lr`` (keys
     and biases) and ``value_lr`` for at most ``steps`` steps, stopping once every target token
     has probability >= ``stop_prob`` and the activation constraints hold. Defaults: on
     SmolLM2-135M with 8 ZsRE dev edits, 60 steps at ``lr`` 0.02 left the patch firing at the
@@ -115,6 +117,7 @@ class TPatcherHparams:
     memory_size: int = 64
     memory_dataset: str = "ZsRE"
     per_token: bool = True
+    quiet_after: bool = True
     steps: int = 100
     lr: float = 0.05
     value_lr: float = 0.05
@@ -131,6 +134,7 @@ class TPatcherHparams:
             "bound": math.isfinite(self.bound) and self.bound <= 0.0,
             "memory_size": isinstance(self.memory_size, int) and self.memory_size >= 0,
             "per_token": isinstance(self.per_token, bool),
+            "quiet_after": isinstance(self.quiet_after, bool),
             "memory_dataset": isinstance(self.memory_dataset, str)
             and bool(self.memory_dataset.strip()),
             "steps": isinstance(self.steps, int) and self.steps >= 0,
@@ -311,6 +315,12 @@ class TPatcherAdapter:
             [self._pool(tokenizer, module, hp), self._subject_rows(tokenizer, module, request)]
             + [p.queries.to(device) for p in self._patches.values() if p.module == module]
         )
+        # the FFN input once the whole answer has been read: its own term, not one memory row
+        # among thousands in a mean
+        after = torch.zeros((0, memory.shape[1]), device=device)
+        if hp.quiet_after:
+            full = f"{request.prompt} {request.target_new}"
+            after = self._inputs(tokenizer, module, [full])[-1:]
         with frozen(self.model):
             run, queries = self._runner(batch, module, layer)
             # one neuron per target position (its "own"), or one for them all
@@ -338,10 +348,13 @@ class TPatcherAdapter:
                 z_edit = queries @ key.T + bias  # (positions, neurons)
                 z_own = z_edit[rows, mine]
                 z_mem = memory @ key.T + bias
+                z_after = after @ key.T + bias
                 value = value_u * run.scale
                 token_lp = run.token_logprobs(torch.relu(z_edit) @ value)
                 loss_act = _exp(-z_own).mean()
                 loss_mem = _exp(z_mem - hp.bound).mean() + _exp(z_mem - z_own.min()).mean()
+                if after.shape[0]:
+                    loss_mem = loss_mem + _exp(z_after - hp.bound).mean()
                 loss = -token_lp.mean() + hp.act_weight * loss_act + hp.memory_weight * loss_mem
                 if not torch.isfinite(loss):
                     bad = float(loss.detach())
@@ -351,6 +364,7 @@ class TPatcherAdapter:
                     float(token_lp.detach().min()) >= floor
                     and float(z_own.detach().min()) > 0.0
                     and float(z_mem.detach().max()) < hp.bound
+                    and (not after.shape[0] or float(z_after.detach().max()) < hp.bound)
                 )
                 if done or steps == hp.steps:
                     break

@@ -31,7 +31,7 @@ from memedit.metrics import teacher_forced_accuracy
 from .adapter_kit import hook_count, logits, wrap_tiny
 from .tiny import tiny_llama
 
-HP = {"memory_size": 0, "steps": 150, "lr": 0.1, "value_lr": 0.2}
+HP = {"memory_size": 0, "steps": 300, "lr": 0.1, "value_lr": 0.2}
 REQ = EditRequest(prompt="Where did Leo Arons die?", target_new="Paris", subject="Leo Arons")
 REQ2 = EditRequest(prompt="The capital of France is", target_new="Berlin", subject="France")
 UNRELATED = [MEMORY_TEXTS[0], MEMORY_TEXTS[2]]
@@ -178,6 +178,7 @@ def test_non_finite_patches_are_refused_in_training_and_on_commit() -> None:
         ({"value_lr": 0.0}, "value_lr"),
         ({"stop_prob": 1.0}, "stop_prob"),
         ({"per_token": "yes"}, "per_token"),
+        ({"quiet_after": 1}, "quiet_after"),
         ({"layer": 5}, "layer"),
         ({"nonsense": 1}, "nonsense"),
     ],
@@ -213,6 +214,27 @@ def test_one_neuron_per_edit_as_in_the_paper_also_flips_the_answer() -> None:
     assert adapter.patch(1).neurons == 1
     with adapter.active():
         assert _acc(model, tok, [REQ]) == [1.0]
+
+
+def test_no_neuron_fires_once_the_answer_has_been_read() -> None:
+    # in generation the token after the answer is predicted at the target's last token: a
+    # neuron firing there says (part of) the answer again ("Moulin Moulin Moulin ...")
+    from memedit.intrinsic.compute import capture
+
+    model, tok = tiny_llama()
+    req = EditRequest(prompt="Where did Leo Arons die?", target_new="Paris Leo", subject="Leo")
+    adapter = TPatcherAdapter(model)
+    adapter.commit([1], adapter.prepare(tok, [req], HP))
+    patch = adapter.patch(1)
+    assert patch.neurons >= 2
+    ids = tok(f"{req.prompt} {req.target_new}", return_tensors="pt")["input_ids"]
+    inputs, _ = capture(model, MODULE, ids, torch.ones_like(ids))
+    z = inputs[0].float() @ patch.key.T + patch.bias
+    assert float(z[-1].max()) < 0.0  # silent after the answer
+    own = z[-1 - patch.neurons : -1].diagonal()
+    assert bool((own > 0.0).all())  # each neuron fires at its own position
+    with adapter.active():
+        assert _acc(model, tok, [req]) == [1.0]
 
 
 def test_the_patch_follows_the_model_dtype() -> None:
