@@ -42,14 +42,16 @@ class AdaLoraHparams(LoraHparams):
     shrinks, ``delta_t`` steps between allocations, ``beta1`` / ``beta2`` the importance EMAs,
     ``orth_reg_weight`` the orthogonality regulariser (all peft's, with ``steps`` as
     ``total_step``). Defaults (first ZsRE dev records on SmolLM2-135M): a small rank on one
-    matrix, and ``stop_prob`` 0.6, which already makes every target token the argmax: each
-    further step moves unrelated answers more than it helps the edit."""
+    matrix, and ``stop_prob`` 0.99. On the first 10 ZsRE dev records, Portability / Locality
+    were 28.7 / 84.6 at 0.6 (every target token already the argmax), 35.6 / 88.2 at 0.9 and
+    42.0 / 89.4 at 0.99 (record means): training on until the target is near certain moved
+    related answers with it and unrelated ones no more; it costs more steps."""
 
     rank: int = 2
     alpha: float = 16.0
     steps: int = 40
     lr: float = 2e-2
-    stop_prob: float = 0.6
+    stop_prob: float = 0.99
     init_r: int = 4
     tinit: int = 0
     tfinal: int = 0
