@@ -27,15 +27,18 @@ active), with ``z = a . k + b``:
   few neutral contexts (the subject alone is not the edit), the locality and edit questions
   with their answers of the first ``memory_size`` records of the ``memory_dataset``'s *train*
   file (never the dev records evaluated), and the inputs of every committed patch's edit (a
-  new patch stays silent on the old edits, as in the paper).
+  new patch stays silent on the old edits, as in the paper);
+* with ``quiet_after`` (ours), ``mean exp(z_a - bound)`` at the target's last token: there,
+  in generation, the token after the answer is predicted, and a neuron firing says part of the
+  answer again.
 
 The total is ``edit + act_weight * activation + memory_weight * memory``; it stops once every
 target token has probability >= ``stop_prob``, every neuron fires at its position and all are
-silent (``z < bound``) on every memory token, or after ``steps``. Keys and values are trained in
-units of the inputs' and outputs' scale (one learning rate fits every layer and model). When the
-patched FFN is the last block's, training runs only the final norm and the output head on the
-block's cached output (checked once per edit against the model's own forward with a test
-patch; any other model or layer runs the whole forward).
+silent (``z < bound``) on every memory token (and after the answer), or after ``steps``. Keys
+and values are trained in units of the inputs' and outputs' scale (one learning rate fits every
+layer and model). When the patched FFN is the last block's, training runs only the final norm
+and the output head on the block's cached output (checked once per edit against the model's
+own forward with a test patch; any other model or layer runs the whole forward).
 
 Each patch is one payload (JSON header + safetensors body: keys, biases, values and the edit's
 inputs); rolling an edit back removes its neurons, so the adapter answers exactly as if it had
@@ -100,11 +103,12 @@ class TPatcherHparams:
     memory losses' weights; ``bound``: the pre-activation the patch must stay below on memory
     tokens (0: exactly silent); ``memory_size``: train records of ``memory_dataset`` whose
     questions join the memory (0: built-in texts and the subject contexts only);
-    ``per_token``: one neuron per target token (False: one per edit); ``quiet_after``: the
-    target's last token (where generation goes on once the answer is out) joins the memory,
-    so no neuron fires there and the answer is not said again; Adam with ``lr`` (keys
-    and biases) and ``value_lr`` for at most ``steps`` steps, stopping once every target token
-    has probability >= ``stop_prob`` and the activation constraints hold. Defaults: on
+    ``per_token``: one neuron per target token (False: one per edit); ``quiet_after``: a
+    silence term of its own (like the memory's) at the target's last token, where generation
+    goes on once the answer is out, so no neuron fires there and the answer is not said again;
+    Adam with ``lr`` (keys and biases) and ``value_lr`` for at most ``steps`` steps, stopping
+    once every target token has probability >= ``stop_prob`` and the activation constraints
+    hold. Defaults: on
     SmolLM2-135M with 8 ZsRE dev edits, 60 steps at ``lr`` 0.02 left the patch firing at the
     last token of 170 of 320 unrelated (train-file) questions; 100 steps at 0.05 of 5, with the
     edits and their rephrasings as right."""
