@@ -32,13 +32,29 @@ def _questions(records: list[Any]) -> list[str]:
     return [f"{p.prompt} {p.answers[0] if p.answers else ''}" for r in records for p in r.locality]
 
 
+def keyed_adapter(model: Any, tok: Any, reqs: list[Any], options: str, **defaults: Any) -> Any:
+    """A WiseAdapter holding ``reqs`` (edit ids 1..n) made without training (routing depends on
+    the keys alone), in groups as the hyperparameters make them: ``options`` as ``k=v;k=v``
+    over ``defaults``."""
+    from memedit.adapters import WiseAdapter, WiseHparams
+    from memedit.evaluation.strategies import parse_strategy
+
+    given = parse_strategy(f"adapter:wise@{options}").config()["options"] if options else {}
+    hp = {**defaults, **given, "steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
+    size = WiseHparams(**hp).group_size or len(reqs)
+    adapter = WiseAdapter(model)
+    for start in range(0, len(reqs), size):
+        chunk = reqs[start : start + size]
+        ids = list(range(start + 1, start + len(chunk) + 1))
+        adapter.commit(ids, adapter.prepare(tok, chunk, hp))
+    return adapter
+
+
 def main() -> None:
     import torch
 
-    from memedit.adapters import WiseAdapter, WiseHparams
     from memedit.adapters.side_memory import standardise
     from memedit.datasets import load_requests
-    from memedit.evaluation.strategies import parse_strategy
     from memedit.intrinsic.compute import capture, encode
     from memedit.models import load_model
 
@@ -57,18 +73,8 @@ def main() -> None:
     cf_records = load_requests("WikiData_counterfact", limit=args.cf)
     cf = [f"{p.prompt} {p.answers[0] if p.answers else ''}" for r in cf_records for p in r.locality]
     cf = cf[: args.cf]
-    spec = parse_strategy(f"adapter:wise@{args.options}")
-    given = spec.config()["options"] if args.options else {}
-    hp = {**given, "steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
-    hp.setdefault("irrelevant_size", 32)
-    size = WiseHparams(**hp).group_size or len(reqs)
-
     t0 = time.perf_counter()
-    adapter = WiseAdapter(model)
-    for start in range(0, len(reqs), size):
-        chunk = reqs[start : start + size]
-        ids = list(range(start + 1, start + len(chunk) + 1))
-        adapter.commit(ids, adapter.prepare(tok, chunk, hp))
+    adapter = keyed_adapter(model, tok, reqs, args.options, irrelevant_size=32)
     [memory] = adapter.memories.values()
     assert memory.norm is not None
     threshold = memory.layout.router_threshold

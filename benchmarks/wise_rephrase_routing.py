@@ -18,11 +18,10 @@ import time
 
 def main() -> None:
     import torch
+    from wise_keys_heldout import keyed_adapter  # the script beside this one
 
-    from memedit.adapters import WiseAdapter, WiseHparams
     from memedit.adapters.side_memory import standardise
     from memedit.datasets import load_requests
-    from memedit.evaluation.strategies import parse_strategy
     from memedit.intrinsic.compute import capture, encode
     from memedit.models import load_model
 
@@ -35,16 +34,8 @@ def main() -> None:
 
     model, tok = load_model()
     reqs = load_requests(args.dataset, limit=args.limit)
-    spec = parse_strategy(f"adapter:wise@{args.options}")
-    given = spec.config()["options"] if args.options else {}
-    hp = {**given, "steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
-    size = WiseHparams(**hp).group_size or len(reqs)
     t0 = time.perf_counter()
-    adapter = WiseAdapter(model)
-    for start in range(0, len(reqs), size):
-        chunk = reqs[start : start + size]
-        ids = list(range(start + 1, start + len(chunk) + 1))
-        adapter.commit(ids, adapter.prepare(tok, chunk, hp))
+    adapter = keyed_adapter(model, tok, reqs, args.options)
     memories = list(adapter.memories.values())
     memory = memories[0]
     assert memory.norm is not None
