@@ -85,14 +85,14 @@ class AdaLoraAdapter(LoraAdapter):
     hparams_type: ClassVar[type[LoraHparams]] = AdaLoraHparams
     deltas_from_payload: ClassVar[bool] = True
 
-    def _peft_config(self, hp: Any, module: str) -> Any:
+    def _peft_config(self, hp: Any, modules: list[str]) -> Any:
         return _peft().AdaLoraConfig(
             task_type="CAUSAL_LM",
             init_r=hp.init_r,
             target_r=hp.rank,
             lora_alpha=hp.alpha,
             lora_dropout=0.0,
-            target_modules=[module],
+            target_modules=modules,
             bias="none",
             total_step=hp.steps,
             tinit=hp.tinit,

@@ -66,7 +66,11 @@ class LoraHparams:
     """``layer``: the block whose MLP output projection gets the LoRA (None: ``layer_fraction``
     of the depth); ``rank`` / ``alpha``: peft's ``r`` / ``lora_alpha``; Adam with ``lr`` for at
     most ``steps`` steps, stopping once every target token has probability >= ``stop_prob``;
-    ``per_batch``: one LoRA for all the requests of an edit call instead of one each."""
+    ``per_batch``: one LoRA for all the requests of an edit call instead of one each;
+    ``modules``: ``"mlp_out"`` (the default) trains the MLP output projection of the one block
+    ``layer`` names, anything else is a ``+``-separated list of linear-module names trained in
+    every block (``"q_proj+v_proj"``, EasyEdit's choice), or in block ``layer`` alone if it is
+    set."""
 
     layer: int | None = None
     layer_fraction: float = 0.5
@@ -76,10 +80,13 @@ class LoraHparams:
     lr: float = 1e-2
     stop_prob: float = 0.9
     per_batch: bool = False
+    modules: str = "mlp_out"
 
     def __post_init__(self) -> None:
+        names = self.modules.split("+") if isinstance(self.modules, str) else [""]
         checks = {
             "per_batch": isinstance(self.per_batch, bool),
+            "modules": all(n.isidentifier() for n in names),
             "layer_fraction": 0.0 <= self.layer_fraction <= 1.0,
             "rank": isinstance(self.rank, int) and self.rank >= 1,
             "alpha": math.isfinite(self.alpha) and self.alpha > 0.0,
@@ -89,13 +96,37 @@ class LoraHparams:
         }
         check_hparams(type(self).__name__, self.layer, checks, self)
 
-    def module_for(self, model: nn.Module) -> str:
-        from memedit.intrinsic.compute import mlp_out_name
+    def modules_for(self, model: nn.Module) -> list[str]:
+        """The full names of the linear modules an edit's LoRA trains (refused if one of
+        ``modules`` names no linear module of a block)."""
+        from torch import nn
+
+        from memedit.intrinsic.compute import block_name, mlp_out_name
         from memedit.spec import n_layers
 
         count = n_layers(model)
         owner = type(self).__name__
-        return mlp_out_name(model, resolve_layer(owner, self.layer, self.layer_fraction, count))
+        if self.modules == "mlp_out":
+            layer = resolve_layer(owner, self.layer, self.layer_fraction, count)
+            return [mlp_out_name(model, layer)]
+        if self.layer is None:
+            blocks: Sequence[int] = range(count)
+        else:
+            blocks = [resolve_layer(owner, self.layer, 0.0, count)]
+        out: list[str] = []
+        for layer in blocks:
+            block = block_name(model, layer)
+            found = {
+                name.rpartition(".")[2]: f"{block}.{name}"
+                for name, sub in model.get_submodule(block).named_modules()
+                if isinstance(sub, nn.Linear)
+            }
+            for leaf in self.modules.split("+"):
+                if leaf not in found:
+                    msg = f"{owner}.modules names {leaf!r}, but {block} has no such linear module"
+                    raise InvalidRequestError(msg, field="modules", value=self.modules)
+                out.append(found[leaf])
+        return out
 
 
 class LoraAdapter:
@@ -152,19 +183,19 @@ class LoraAdapter:
         from memedit.intrinsic.hparams import from_options
 
         hp = from_options(self.hparams_type, hparams)
-        module = hp.module_for(self.model)
+        modules = hp.modules_for(self.model)
         groups = [list(requests)] if hp.per_batch else [[r] for r in requests]
         out: list[bytes] = []
         for group in groups:
-            blob, deltas = self._train(tokenizer, group, hp, module)
+            blob, deltas = self._train(tokenizer, group, hp, modules)
             self._prepared[blob] = deltas
             out += [blob] + [MEMBER] * (len(group) - 1)
         return out
 
-    def _peft_config(self, hp: Any, module: str) -> Any:
-        """The peft config of one edit's adapter on ``module``."""
+    def _peft_config(self, hp: Any, modules: list[str]) -> Any:
+        """The peft config of one edit's adapter on ``modules`` (full module names)."""
         return _peft().LoraConfig(
-            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=0.0, target_modules=[module], bias="none"
+            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=0.0, target_modules=modules, bias="none"
         )
 
     def _loss(self, peft_model: Any, batch: TargetBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +216,7 @@ class LoraAdapter:
         tokenizer: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         hp: Any,
-        module: str,
+        modules: list[str],
     ) -> tuple[bytes, dict[str, torch.Tensor]]:
         import torch
 
@@ -197,7 +228,7 @@ class LoraAdapter:
         what = repr(requests[0].prompt) + (
             f" and {len(requests) - 1} more" if len(requests) > 1 else ""
         )
-        config = self._peft_config(hp, module)
+        config = self._peft_config(hp, modules)
         floor = math.log(hp.stop_prob)
         with frozen(self.model), _quiet_peft():  # every requires_grad flag restored after
             peft_model = get_peft_model(self.model, config)

@@ -127,7 +127,7 @@ def test_a_non_finite_merge_is_refused_and_a_lora_payload_is_not_adalora() -> No
 def test_bad_hparams_are_refused_naming_the_field(options: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequestError, match=f"AdaLoraHparams.{field}") as info:
         hp = AdaLoraHparams(**options)
-        hp.module_for(tiny_llama()[0])
+        hp.modules_for(tiny_llama()[0])
     assert info.value.field == field
 
 

@@ -17,7 +17,7 @@ import torch
 
 from memedit import EditRequest
 from memedit.adapters import AdapterError, LoraAdapter, NonFiniteAdapterError
-from memedit.errors import IntegrityError
+from memedit.errors import IntegrityError, InvalidRequestError
 from memedit.metrics import completion_log_likelihood
 
 from .adapter_kit import wrap_tiny
@@ -105,6 +105,37 @@ def test_non_finite_merges_and_foreign_writes_are_refused() -> None:
         adapter.remove(1)
     with torch.no_grad():
         weight[0, 0] -= 1.0
+
+
+def test_a_lora_on_named_modules_of_every_block_restores_and_rolls_back(tmp_path: Path) -> None:
+    model, tok = tiny_llama()
+    base = _state(model)
+    hp = {**HP, "layer": None, "modules": "q_proj+v_proj"}
+    with wrap_tiny(model, tok, tmp_path / "mem") as em:
+        [record] = em.edit([REQ], strategy="adapter", method="lora", **hp)
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, base[k])}
+        assert changed == {
+            f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj")
+        }
+        edited = _state(model)
+        em.memory.save()
+        fresh, _ = tiny_llama()
+        with wrap_tiny(fresh, tok, tmp_path / "mem"):  # every module restored from peft's files
+            assert _same(fresh, edited)
+        em.rollback(record.id)
+        assert _same(model, base)
+    one_block = LoraAdapter(model)
+    [payload] = one_block.prepare(tok, [REQ], {**hp, "layer": 1})
+    one_block.commit([1], [payload])
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed == {f"model.layers.1.self_attn.{m}.weight" for m in ("q_proj", "v_proj")}
+    one_block.remove(1)
+    with pytest.raises(InvalidRequestError, match="no such linear module") as info:
+        LoraAdapter(model).prepare(tok, [REQ], {**hp, "modules": "q_proj+nope"})
+    assert info.value.field == "modules"
+    with pytest.raises(InvalidRequestError, match=r"LoraHparams\.modules"):
+        LoraAdapter(model).prepare(tok, [REQ], {**hp, "modules": "q_proj,v_proj"})
+    assert _same(model, base)
 
 
 def test_the_wrapper_logs_restores_and_rolls_back_lora_edits(tmp_path: Path) -> None:
