@@ -38,7 +38,8 @@ __all__ = ["AdaLoraAdapter", "AdaLoraHparams"]
 @dataclass(frozen=True)
 class AdaLoraHparams(LoraHparams):
     """LoRA's fields (``rank`` is peft's ``target_r``, the average rank kept) plus AdaLoRA's:
-    ``init_r`` triplets to start from; ``tinit`` / ``tfinal`` steps before / after the budget
+    ``init_r`` triplets to start from (more than ``rank``: peft's allocator needs some to
+    prune; with none to prune, use LoRA); ``tinit`` / ``tfinal`` steps before / after the budget
     shrinks, ``delta_t`` steps between allocations, ``beta1`` / ``beta2`` the importance EMAs,
     ``orth_reg_weight`` the orthogonality regulariser (all peft's, with ``steps`` as
     ``total_step``). Defaults (first ZsRE dev records on SmolLM2-135M): a small rank on one
@@ -67,7 +68,8 @@ class AdaLoraHparams(LoraHparams):
             name: isinstance(getattr(self, name), int) and getattr(self, name) >= low
             for name, low in ints.items()
         }
-        checks["init_r"] = checks["init_r"] and self.init_r >= self.rank
+        # peft's allocator must have a triplet to prune (init_r == rank fails inside it)
+        checks["init_r"] = checks["init_r"] and self.init_r > self.rank
         checks["steps"] = self.steps > self.tinit + self.tfinal  # peft needs a budgeting phase
         checks["beta1"] = 0.0 < self.beta1 < 1.0
         checks["beta2"] = 0.0 < self.beta2 < 1.0

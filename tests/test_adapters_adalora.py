@@ -121,6 +121,7 @@ def test_a_non_finite_merge_is_refused_and_a_lora_payload_is_not_adalora() -> No
         ({"beta1": 1.0}, "beta1"),
         ({"orth_reg_weight": -1.0}, "orth_reg_weight"),
         ({"delta_t": 0}, "delta_t"),
+        ({"init_r": 2, "rank": 2}, "init_r"),  # peft's allocator fails with nothing to prune
         ({"layer": 9}, "layer"),
     ],
 )
