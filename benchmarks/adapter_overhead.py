@@ -4,6 +4,7 @@ edits, for every method of ``memedit.adapters`` (or those named in ``--methods``
 
     python benchmarks/adapter_overhead.py [--methods grace,lora,adalora,tpatcher,wise]
         [--edits 20] [--entries 500] [--queries 20] [--rounds 2] [--tokens 20]
+        [--options "leading_subject_keys=true"]   # hyperparameters for every method named
     python benchmarks/adapter_overhead.py --methods grace --edits 0 --entries 500  # GRACE only,
                                                         # the codebook measurement alone
 
@@ -60,11 +61,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--options", default="", help="the methods' hyperparameters as k=v;k=v")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(adapter_names()))
     if unknown:
         ap.error(f"unknown --methods {unknown}; known: {adapter_names()}")
+    if args.options:
+        from memedit.evaluation.strategies import parse_strategy
+
+        args.hp = parse_strategy(f"adapter:x@{args.options}").config()["options"]
+    else:
+        args.hp = {}
 
     import torch
 
@@ -86,7 +94,7 @@ def main() -> None:
         if args.edits > 0:
             trained(model, tok, method, pool[: args.edits], queries, base, args)
         if args.entries > 0 and method in LARGE:
-            adapter, note = LARGE[method](model, tok, pool[: args.entries])
+            adapter, note = LARGE[method](model, tok, pool[: args.entries], args.hp)
             print(f"{method} large state: {note}")
             measure(model, tok, f"{method}, {args.entries} untrained", adapter, queries, {}, args)
 
@@ -109,7 +117,7 @@ def trained(
     seconds = []
     for i, r in enumerate(edits, start=1):
         t0 = time.perf_counter()
-        payloads = adapter.prepare(tok, [r])
+        payloads = adapter.prepare(tok, [r], args.hp or None)
         adapter.commit([i], payloads)
         seconds.append(time.perf_counter() - t0)
     print(
@@ -192,7 +200,9 @@ def _unedited(model: Any, base: dict[str, Any]) -> Callable[[], AbstractContextM
     return ctx
 
 
-def _grace_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
+def _grace_large(
+    model: Any, tok: Any, records: list[Any], options: dict[str, Any]
+) -> tuple[Any, str]:
     import torch
 
     from memedit.adapters import GraceAdapter, GraceHparams, Item
@@ -200,7 +210,7 @@ def _grace_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
     from memedit.hooks import trace
     from memedit.intrinsic.compute import block_name
 
-    hp = GraceHparams()
+    hp = GraceHparams(**options)
     module = block_name(model, hp.layer_for(model))
     payloads = []
     t0 = time.perf_counter()
@@ -220,7 +230,9 @@ def _grace_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
     return adapter, note
 
 
-def _tpatcher_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
+def _tpatcher_large(
+    model: Any, tok: Any, records: list[Any], options: dict[str, Any]
+) -> tuple[Any, str]:
     import torch
 
     from memedit.adapters import Patch, TPatcherAdapter, TPatcherHparams
@@ -229,7 +241,8 @@ def _tpatcher_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]
     from memedit.intrinsic.compute import mlp_out_name, target_batch
 
     device = next(model.parameters()).device
-    module = mlp_out_name(model, TPatcherHparams().layer_for(model)).rsplit(".", 1)[0]
+    layer = TPatcherHparams(**options).layer_for(model)
+    module = mlp_out_name(model, layer).rsplit(".", 1)[0]
     payloads = []
     t0 = time.perf_counter()
     for r in records:
@@ -258,14 +271,16 @@ def _tpatcher_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]
     return adapter, note
 
 
-def _wise_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
+def _wise_large(
+    model: Any, tok: Any, records: list[Any], options: dict[str, Any]
+) -> tuple[Any, str]:
     """A WISE state of ``len(records)`` edits with their real keys (groups, filter) and every
     change 0: `prepare` with no training step, through the public API."""
     from memedit.adapters import WiseAdapter, WiseHparams
 
-    hp = WiseHparams()
+    untrained = {**options, "steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
+    hp = WiseHparams(**untrained)
     adapter = WiseAdapter(model)
-    untrained = {"steps": 0, "edit_weight": 0.0, "generic_weight": 0.0}
     t0 = time.perf_counter()
     for start in range(0, len(records), hp.group_size):
         chunk = records[start : start + hp.group_size]
@@ -282,7 +297,7 @@ def _wise_large(model: Any, tok: Any, records: list[Any]) -> tuple[Any, str]:
 
 
 #: methods whose inference work grows with the number of edits: how to build a large state
-LARGE: dict[str, Callable[[Any, Any, list[Any]], tuple[Any, str]]] = {
+LARGE: dict[str, Callable[[Any, Any, list[Any], dict[str, Any]], tuple[Any, str]]] = {
     "grace": _grace_large,
     "tpatcher": _tpatcher_large,
     "wise": _wise_large,
