@@ -112,15 +112,17 @@ def test_strategy_specs_parse_and_bad_ones_are_named() -> None:
 
 
 # ------------------------------------------------------------------ aggregation
-def test_grouped_metrics_average_per_kind_then_over_kinds() -> None:
+def test_grouped_metrics_average_per_record_over_its_kinds_then_over_records() -> None:
     records = [
         {"edit_succ": 1.0, "portability/A": 1.0, "portability/B": 0.0},
-        {"edit_succ": 0.5, "portability/A": 0.0},
-        {"edit_succ": math.nan},
+        {"edit_succ": 0.5, "portability/A": 1.0},
+        {"edit_succ": math.nan, "portability/A": 1.0, "portability/B": math.nan},
+        {"edit_succ": 1.0},
     ]
-    assert aggregate(records, "edit_succ") == pytest.approx(0.75)  # nan skipped
-    # kind A: (1 + 0) / 2 = 0.5; kind B: 0.0 -> (0.5 + 0.0) / 2
-    assert aggregate(records, "portability") == pytest.approx(0.25)
+    assert aggregate(records, "edit_succ") == pytest.approx(5 / 6)  # nan skipped
+    # EasyEdit's KnowEdit summary: per record (1 + 0) / 2, 1, 1 (nan kind skipped); the record
+    # without any kind does not count -> 2.5 / 3. Kinds first would give (1 + 0) / 2 = 0.5.
+    assert aggregate(records, "portability") == pytest.approx(2.5 / 3)
     assert math.isnan(aggregate(records, "locality"))
 
 

@@ -1,8 +1,13 @@
 """Turn an evaluation directory into tables and plots.
 
 `summarise` averages the per-record JSONL (all workers' files merged): a plain metric is the
-mean over records that have it; a grouped one (``portability/<kind>``) is averaged per kind
-over records and then over kinds, as EasyEdit's KnowEdit summary does. `write_reports` writes
+mean over records that have it; a grouped one (``portability/<kind>``) is averaged over the kinds
+each record has, then over the records that have any, as EasyEdit's KnowEdit summary does
+(``examples/run_knowedit_llama2.py``: a record's Portability is the mean of its kinds' means).
+Until 2026-12-06 the kinds were averaged over records first and then over kinds, which weighs a
+rare kind (e.g. WikiData_counterfact's Logical_Generalization, on few records) as much as a
+common one; with EasyEdit's order our FT-L at its layer reproduces EasyEdit's FT-L figures on
+this model to the hundredth (docs/eval/NOTES.md). `write_reports` writes
 ``summary.json``, ``summary.md`` and ``summary.csv`` (rows = metrics, columns = strategies, one
 block per dataset, as in the KnowEdit paper) and PNG plots: a grouped bar chart per dataset and,
 for sequential runs, the curve over T. Every output carries the run's manifest (model, dataset
@@ -58,13 +63,9 @@ def aggregate(metrics: Sequence[Mapping[str, float]], key: str) -> float:
     """The dataset-level value of `key` over records' metric maps (see module docstring)."""
     if any(key in m for m in metrics):
         return _mean(m[key] for m in metrics if key in m)
-    by_kind: dict[str, list[float]] = defaultdict(list)
     prefix = key + "/"
-    for m in metrics:
-        for k, v in m.items():
-            if k.startswith(prefix):
-                by_kind[k[len(prefix) :]].append(v)
-    return _mean(_mean(v) for v in by_kind.values()) if by_kind else math.nan
+    per_record = (_mean(v for k, v in m.items() if k.startswith(prefix)) for m in metrics)
+    return _mean(per_record)
 
 
 def summarise(lines: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
