@@ -6,8 +6,8 @@ user would (`EditableModel.teacher_forced` / `predicted_tokens` / `generate`): w
 strategy changed (memory, adapters, weights) is what gets measured.
 
 Record metrics are flat ``{key: value}`` maps. A key ``group/kind`` (``portability/Reasoning``)
-is one kind of a grouped metric; :func:`memedit.evaluation.report.summarise` averages each kind
-over records, then the kinds, as EasyEdit's KnowEdit summary does.
+is one kind of a grouped metric; :func:`memedit.evaluation.report.summarise` averages a record's
+kinds, then the records, as EasyEdit's KnowEdit summary does.
 """
 
 from __future__ import annotations
