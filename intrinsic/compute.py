@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memedit.errors import InvalidRequestError
+from memedit.spec import cache_keyword
 
 from .errors import NonFiniteUpdateError
 
@@ -258,7 +259,7 @@ def forward_logits(
     ``position_ids`` give the new tokens' positions."""
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     if past_key_values is not None:
-        kwargs.update(past_key_values=past_key_values, use_cache=True)
+        kwargs.update({cache_keyword(model): past_key_values, "use_cache": True})
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if _accepts_logits_to_keep(model):

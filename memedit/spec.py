@@ -12,8 +12,9 @@ Add an architecture with::
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from memedit.errors import ModulePathError, UnknownArchitectureError
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelSpec",
+    "cache_keyword",
     "ensure_spec",
     "get_spec",
     "hidden_size",
@@ -30,6 +32,7 @@ __all__ = [
     "register_spec",
     "registered_types",
     "resolve",
+    "returned_cache",
     "weight_matrix",
 ]
 
@@ -190,6 +193,22 @@ def n_layers(model: nn.Module, spec: ModelSpec | None = None) -> int:
     """Number of transformer blocks, read from the config attribute the spec names."""
     spec = spec or get_spec(_model_type(model))
     return _config_int(model, spec.n_layers_attr)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes a key/value cache by: ``cache`` (transformers 5.x;
+    ``past_key_values`` there is deprecated, to be removed in 5.40), else ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward pass with ``use_cache=True`` returned, under either name."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)
 
 
 def hidden_size(model: nn.Module, spec: ModelSpec | None = None) -> int:

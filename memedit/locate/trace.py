@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from memedit.hooks import edit_output, trace
 from memedit.locate.stream import run_from, stream_entry
-from memedit.spec import ensure_spec, n_layers
+from memedit.spec import cache_keyword, ensure_spec, n_layers, returned_cache
 
 if TYPE_CHECKING:
     import torch
@@ -174,9 +174,8 @@ def trace_fact(
         if fast:
             job = _Job(model, spec, count, ids, answer, keep, clean, config)
             job.states = torch.stack([tc[n] for n in stream])
-            job.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            params = inspect.signature(model.forward).parameters
-            job.cache_arg = "cache" if "cache" in params else "past_key_values"
+            job.cache = returned_cache(out)
+            job.cache_arg = cache_keyword(model)
             if _fast_path_holds(job, p_corrupt):
                 restored = _restore_fast(job, s0, p_corrupt)
         if restored is None:
