@@ -136,6 +136,11 @@ def main() -> None:
     )
     ap.add_argument("--value-chunk", type=int, default=None, help="requests per value pass")
     ap.add_argument(
+        "--padded",
+        action="store_true",
+        help="value passes in the right-padded layout (as before packing), for comparison",
+    )
+    ap.add_argument(
         "--hp", action="append", default=[], help="FIELD=VALUE[,FIELD=VALUE] (one row each)"
     )
     args = ap.parse_args()
@@ -163,7 +168,9 @@ def main() -> None:
     import memedit.intrinsic.memit as memit_module
     import memedit.intrinsic.values as values
 
-    if args.value_chunk:  # the default on a CPU is one request per pass
+    if args.padded:
+        values._takes_custom_mask = lambda _model: False  # type: ignore[assignment]
+    if args.value_chunk:  # the default on a CPU is values.CPU_VALUE_CHUNK requests per pass
         real = values.optimise_values
 
         def chunked(*a: Any, **k: Any) -> Any:

@@ -112,7 +112,16 @@ def main() -> None:
         help="neighbour KL templates, '|'-separated ({} = subject); '' = none",
     )
     ap.add_argument("--fresh-stats", action="store_true", help="time statistics in a temp cache")
+    ap.add_argument(
+        "--padded",
+        action="store_true",
+        help="value passes in the right-padded layout (as before packing), for comparison",
+    )
     args = ap.parse_args()
+    if args.padded:
+        import memedit.intrinsic.values as values
+
+        values._takes_custom_mask = lambda _model: False  # type: ignore[assignment]
 
     import torch
 

@@ -119,7 +119,9 @@ class ValueHparams:
 
     ``prefix_cache``: the tokens every row has before its subject are not affected by the
     optimised vector; they are run once and their keys/values reused at every step (same
-    result up to float rounding, a fraction of the work).
+    result up to float rounding, a fraction of the work). Where the model's attention takes a
+    custom 4-D mask (sdpa, eager) the rows are also packed end to end without padding, and
+    cut after their last scored token.
     """
 
     layer_role: ClassVar[str] = "rome"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memedit.errors import InvalidRequestError
+from memedit.spec import returned_cache
 
 from .compute import (
     encode,
@@ -102,6 +103,16 @@ class _Rows:
     past: Any = None
 
 
+@dataclass(frozen=True)
+class _Head:
+    """Keys and values of every row's tokens before its edited position, laid end to end in
+    one sequence (``past``), and the row each of those tokens belongs to (``rows``, by the
+    row ids :func:`_packed_rows` is given)."""
+
+    past: Any
+    rows: torch.Tensor
+
+
 def _rows(
     model: nn.Module,
     ids: torch.Tensor,
@@ -111,15 +122,18 @@ def _rows(
     cache: bool,
     pad: int,
 ) -> _Rows:
-    """Rows for :func:`optimise_value`. With ``cache``, each row's tokens before its edited
-    position ``cols[i]`` (which the edit cannot affect) are run once now and kept as keys and
-    values; each step then runs only the rest of every row, at its true positions.
+    """Rows for :func:`optimise_value` when the model's attention cannot take a custom mask
+    (else :func:`_packed_rows`). With ``cache``, each row's tokens before its edited position
+    ``cols[i]`` (which the edit cannot affect) are run once now and kept as keys and values,
+    right-padded to the longest; each step then runs only the rest of every row, at its true
+    positions.
 
-    The cached part is right-padded to the longest; it is run with every slot attended (pad
-    slots only see their own row's real tokens before them, causally, so they change nothing
-    and stay finite), and later passes mask the pad slots out."""
+    The cached part is run with every slot attended (pad slots only see their own row's real
+    tokens before them, causally, so they change nothing and stay finite), and later passes
+    mask the pad slots out."""
     import torch
 
+    _check_cols(keep, cols)
     index = torch.arange(ids.shape[0], device=ids.device)
     width = max(cols)
     if not cache or width == 0:
@@ -133,15 +147,13 @@ def _rows(
     tail_keep = torch.zeros(tail.shape, dtype=torch.bool, device=ids.device)
     positions = torch.zeros_like(tail)
     for i, (n, c) in enumerate(zip(lengths, cols, strict=True)):
-        if bool(keep[i, :c].any()):
-            msg = f"row {i} needs logits before its edited position {c}"
-            raise ValueError(msg)
         head[i, :c], head_mask[i, :c] = ids[i, :c], 1
         tail[i, : n - c], tail_mask[i, : n - c] = ids[i, c:n], 1
         tail_keep[i, : n - c] = keep[i, c:n]
         positions[i] = torch.arange(c, c + rest, device=ids.device)
     with torch.no_grad():
         out = model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True)
+    past = returned_cache(out)
     return _Rows(
         ids=tail,
         mask=torch.cat([head_mask, tail_mask], dim=1),
@@ -149,8 +161,101 @@ def _rows(
         index=index,
         cols=torch.zeros(len(cols), dtype=torch.long, device=ids.device),
         positions=positions,
-        past=out.past_key_values,
+        past=past,
     )
+
+
+def _check_cols(keep: torch.Tensor, cols: Sequence[int]) -> None:
+    for i, c in enumerate(cols):
+        if bool(keep[i, :c].any()):
+            msg = f"row {i} needs logits before its edited position {c}"
+            raise ValueError(msg)
+
+
+#: Attention implementations that apply a caller's 4-D additive mask as given.
+_CUSTOM_MASK_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+def _takes_custom_mask(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in _CUSTOM_MASK_ATTENTION
+
+
+def _packed_rows(
+    model: nn.Module,
+    ids: torch.Tensor,
+    keep: torch.Tensor,
+    cols: Sequence[int],
+    row_ids: Sequence[int],
+    head: _Head | None,
+) -> tuple[_Rows, _Head]:
+    """The cached layout without padding. Every row's tokens from ``cols[i]`` to its last
+    kept position (what follows cannot change a kept logit) are laid end to end in the one
+    sequence each step runs; its tokens before ``cols[i]`` are read from ``head``, which is
+    made here (one pass, no gradient) when not given — a later, smaller set of rows (requests
+    that stopped leave the pass) reuses the first one's. A 4-D mask lets each token see only
+    its own row's earlier tokens (rows matched by ``row_ids``) and position ids restart with
+    each row, so every token is computed as in its own row; the kept logits come out in the
+    padded layout's order."""
+    import torch
+
+    _check_cols(keep, cols)
+    device = ids.device
+    dtype = next(model.parameters()).dtype
+    ends = [int(keep[i].nonzero().max()) + 1 for i in range(len(cols))]
+    if head is None:
+        h_row = torch.tensor(
+            [r for r, c in zip(row_ids, cols, strict=True) for _ in range(c)],
+            dtype=torch.long,
+            device=device,
+        )
+        past = None
+        if len(h_row):
+            h_idx = torch.arange(len(h_row), device=device)
+            sees = (h_row[:, None] == h_row[None, :]) & (h_idx[None, :] <= h_idx[:, None])
+            positions = [p for c in cols for p in range(c)]
+            with torch.no_grad():
+                out = model(
+                    input_ids=torch.cat([ids[i, :c] for i, c in enumerate(cols)])[None],
+                    attention_mask=_additive(sees, dtype),
+                    position_ids=torch.tensor([positions], device=device),
+                    use_cache=True,
+                )
+            past = returned_cache(out)
+        head = _Head(past=past, rows=h_row)
+    lengths = [e - c for c, e in zip(cols, ends, strict=True)]
+    t_row = torch.tensor(
+        [r for r, n in zip(row_ids, lengths, strict=True) for _ in range(n)],
+        dtype=torch.long,
+        device=device,
+    )
+    t_idx = torch.arange(len(t_row), device=device)
+    sees = (t_row[:, None] == t_row[None, :]) & (t_idx[None, :] <= t_idx[:, None])
+    if head.past is not None:
+        sees = torch.cat([t_row[:, None] == head.rows[None, :], sees], dim=1)
+    starts = torch.tensor([0, *lengths[:-1]], device=device).cumsum(0)
+    rows = _Rows(
+        ids=torch.cat([ids[i, c:e] for i, (c, e) in enumerate(zip(cols, ends, strict=True))])[None],
+        mask=_additive(sees, dtype),
+        keep=torch.cat([keep[i, c:e] for i, (c, e) in enumerate(zip(cols, ends, strict=True))])[
+            None
+        ],
+        index=torch.zeros(len(cols), dtype=torch.long, device=device),
+        cols=starts,
+        positions=torch.tensor(
+            [[p for c, e in zip(cols, ends, strict=True) for p in range(c, e)]], device=device
+        ),
+        past=head.past,
+    )
+    return rows, head
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(q, k) boolean "may attend" as the (1, 1, q, k) additive mask attention layers take."""
+    import torch
+
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 @dataclass(frozen=True)
@@ -181,9 +286,14 @@ def optimise_value(
 
 
 #: Requests whose values :func:`optimise_values` optimises in one forward pass on an accelerator.
-#: On a CPU one at a time is faster: on the 2-core machine (SmolLM2-135M, 10 ZsRE requests,
-#: MEMIT's layer 7, one thread) chunks of 10 took 16.1 s per request against 9.4 s alone.
 VALUE_CHUNK = 32
+
+#: The same on a CPU. The packed layout's attention is dense over every row of the pass, so
+#: large passes pay for it. On the 2-core machine (SmolLM2-135M, MEMIT's layer 7, the first 20
+#: ZsRE dev requests, two threads; ``benchmarks/value_passes.py``) chunks of 4 took 3.88 s per
+#: request against 5.56 s one at a time (6.14 s in the padded layout); on 10 requests chunks
+#: of 5 and 10 took 4.00 and 4.92 s against 4.82 s one at a time.
+CPU_VALUE_CHUNK = 4
 
 
 def optimise_values(
@@ -197,7 +307,7 @@ def optimise_values(
     chunk: int | None = None,
 ) -> list[ValueResult]:
     """:func:`optimise_value` for many requests at once, ``chunk`` of them per forward pass
-    (default: :data:`VALUE_CHUNK` on an accelerator, 1 on a CPU).
+    (default: :data:`VALUE_CHUNK` on an accelerator, :data:`CPU_VALUE_CHUNK` on a CPU).
 
     Each request has its own vector, its own Adam state, early stop and norm clamp; the loss
     of a pass is the sum of the requests' losses and no request's rows see another's vector,
@@ -207,7 +317,7 @@ def optimise_values(
         msg = f"prefixes must start with '' (the bare prompt), got {list(prefixes)[:2]!r}"
         raise InvalidRequestError(msg, field="prefixes", value=prefixes)
     if chunk is None:
-        chunk = 1 if model_device(model).type == "cpu" else VALUE_CHUNK
+        chunk = CPU_VALUE_CHUNK if model_device(model).type == "cpu" else VALUE_CHUNK
     if not isinstance(chunk, int) or chunk < 1:
         msg = f"chunk must be a positive integer, got {chunk!r}"
         raise InvalidRequestError(msg, field="chunk", value=chunk)
@@ -296,6 +406,7 @@ class _Pass:
     kl_at: list[int]
     kl_owner: torch.Tensor
     kl_weight: torch.Tensor
+    head: _Head | None = None
 
 
 def _layout(
@@ -304,7 +415,10 @@ def _layout(
     plans: Sequence[_Plan],
     active: list[int],
     hp: ValueHparams,
+    head: _Head | None = None,
 ) -> _Pass:
+    """The pass for the requests ``active``; ``head``: the cached tokens of an earlier pass of
+    the same chunk (packed layout only)."""
     import torch
 
     device = model_device(model)
@@ -316,7 +430,19 @@ def _layout(
     owner = [k for k, i in enumerate(active) for _ in plans[i].pairs]
     kl_owner = [k for k, i in enumerate(active) for _ in plans[i].kl_rows]
     batch = target_batch(tokenizer, pairs, device, extra_rows=kl_rows, extra_keep=kl_read)
-    rows = _rows(model, batch.ids, batch.mask, batch.keep, cols, hp.prefix_cache, pad_id(tokenizer))
+    if hp.prefix_cache and _takes_custom_mask(model):
+        width = 1 + max(len(p.pairs) + len(p.kl_rows) for p in plans)
+        row_ids = [i * width + j for i in active for j in range(len(plans[i].pairs))]
+        row_ids += [
+            i * width + len(plans[i].pairs) + j
+            for i in active
+            for j in range(len(plans[i].kl_rows))
+        ]
+        rows, head = _packed_rows(model, batch.ids, batch.keep, cols, row_ids, head)
+    else:
+        rows = _rows(
+            model, batch.ids, batch.mask, batch.keep, cols, hp.prefix_cache, pad_id(tokenizer)
+        )
     n_prompts = len(pairs)
     return _Pass(
         active=active,
@@ -329,6 +455,7 @@ def _layout(
         kl_weight=torch.tensor(
             [w for i in active for w in plans[i].kl_weights], device=device, dtype=torch.float32
         ),
+        head=head,
     )
 
 
@@ -361,7 +488,8 @@ def _optimise_chunk(
         rows = cur.rows
         if not deltas:
             for k, i in enumerate(cur.active):  # the bare prompt is each request's first row
-                inits[i] = out[k * n_prefixes, rows.cols[k * n_prefixes]].detach().float().clone()
+                j = k * n_prefixes
+                inits[i] = out[rows.index[j], rows.cols[j]].detach().float().clone()
                 deltas[i] = torch.zeros(
                     out.shape[-1], device=out.device, dtype=torch.float32, requires_grad=True
                 )
@@ -424,7 +552,7 @@ def _optimise_chunk(
             if going != cur.active:
                 live[0] = False
                 try:
-                    cur = _layout(model, tokenizer, plans, going, hp)
+                    cur = _layout(model, tokenizer, plans, going, hp, cur.head)
                 finally:
                     live[0] = True
     return [results[i] for i in range(len(requests))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -157,16 +158,23 @@ def test_solve_psd_handles_a_singular_matrix() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma2"])
 @pytest.mark.parametrize("subject_first", [False, True])
-def test_prefix_cache_gives_the_same_value_as_full_passes(arch: str, subject_first: bool) -> None:
+@pytest.mark.parametrize("packed", [True, False])
+def test_prefix_cache_gives_the_same_value_as_full_passes(
+    arch: str, subject_first: bool, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cached run feeds far fewer tokens through the model and reaches the same value —
-    also when the subject is the very first token (nothing to cache for that row)."""
-    from memedit.intrinsic import RomeHparams
+    also when the subject is the very first token (nothing to cache for that row) — in the
+    packed layout (sdpa, eager attention) and in the padded one (any other attention)."""
+    from memedit.intrinsic import RomeHparams, values
     from memedit.intrinsic.compute import lookup_index, mlp_out_name
     from memedit.intrinsic.values import optimise_value
 
     from .test_intrinsic_methods import BUILDERS
 
     model, tok = BUILDERS[arch]()
+    assert values._takes_custom_mask(model)  # every test architecture runs sdpa or eager
+    if not packed:
+        monkeypatch.setattr(values, "_takes_custom_mask", lambda _model: False)
     req = EditRequest(
         prompt="The sky is blue. Where did Leo Arons die ?",
         target_new="Berlin",
@@ -209,6 +217,43 @@ def test_prefix_cache_gives_the_same_value_as_full_passes(arch: str, subject_fir
         torch.testing.assert_close(cached.target, plain.target, rtol=1e-3, atol=1e-5)
         assert abs(cached.loss - plain.loss) < 1e-3
         assert abs(cached.nll - plain.nll) < 1e-3
+
+
+def test_packed_rows_feed_fewer_tokens_than_padded_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing drops the padding of short rows (the neighbour prompts) and every token after
+    a row's last scored one, and reaches the same value as the padded layout."""
+    from memedit.intrinsic import RomeHparams, values
+    from memedit.intrinsic.compute import mlp_out_name
+    from memedit.intrinsic.values import optimise_value
+
+    from .test_intrinsic_methods import BUILDERS
+
+    model, tok = BUILDERS["llama"]()
+    req = EditRequest(
+        prompt="Where did Leo Arons die in the end ?", target_new="Berlin", subject="Leo Arons"
+    )
+    hp = RomeHparams(v_steps=5, clamp_norm_factor=50.0)
+    emb = model.get_input_embeddings()
+    seen: list[int] = []
+
+    def count(_m: torch.nn.Module, _a: Any, out: torch.Tensor) -> None:
+        seen[-1] += out.shape[0] * out.shape[1]
+
+    results = []
+    handle = emb.register_forward_hook(count)
+    try:
+        for packed in (True, False):
+            seen.append(0)
+            monkeypatch.setattr(values, "_takes_custom_mask", lambda _m, p=packed: p)
+            prefixes = ("", "The sky is blue. ", "Q: A: ")
+            results.append(optimise_value(model, tok, req, mlp_out_name(model, 0), prefixes, hp))
+    finally:
+        handle.remove()
+    packed_run, padded_run = results
+    assert seen[0] < 0.8 * seen[1], seen
+    assert packed_run.steps == padded_run.steps == 5
+    torch.testing.assert_close(packed_run.target, padded_run.target, rtol=1e-3, atol=1e-5)
+    assert abs(packed_run.nll - padded_run.nll) < 1e-3
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
