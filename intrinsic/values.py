@@ -233,18 +233,15 @@ def _packed_rows(
     sees = (t_row[:, None] == t_row[None, :]) & (t_idx[None, :] <= t_idx[:, None])
     if head.past is not None:
         sees = torch.cat([t_row[:, None] == head.rows[None, :], sees], dim=1)
+    spans = list(zip(cols, ends, strict=True))
     starts = torch.tensor([0, *lengths[:-1]], device=device).cumsum(0)
     rows = _Rows(
-        ids=torch.cat([ids[i, c:e] for i, (c, e) in enumerate(zip(cols, ends, strict=True))])[None],
+        ids=torch.cat([ids[i, c:e] for i, (c, e) in enumerate(spans)])[None],
         mask=_additive(sees, dtype),
-        keep=torch.cat([keep[i, c:e] for i, (c, e) in enumerate(zip(cols, ends, strict=True))])[
-            None
-        ],
+        keep=torch.cat([keep[i, c:e] for i, (c, e) in enumerate(spans)])[None],
         index=torch.zeros(len(cols), dtype=torch.long, device=device),
         cols=starts,
-        positions=torch.tensor(
-            [[p for c, e in zip(cols, ends, strict=True) for p in range(c, e)]], device=device
-        ),
+        positions=torch.tensor([[p for c, e in spans for p in range(c, e)]], device=device),
         past=head.past,
     )
     return rows, head
