@@ -152,6 +152,9 @@ class TargetBatch:
     tgt_row: torch.Tensor
     counts: torch.Tensor
     n_pairs: int
+    #: With ``after=True``: where each pair's last position (the one predicting what follows
+    #: the target) lands in the kept logits.
+    after_index: torch.Tensor | None = None
 
     def nll(self, logp: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of each pair's target tokens, shape (n_pairs,), from
@@ -170,9 +173,11 @@ def target_batch(
     *,
     extra_rows: Sequence[Sequence[int]] = (),
     extra_keep: Sequence[int] = (),
+    after: bool = False,
 ) -> TargetBatch:
     """Tokenize ``(prompt, target)`` pairs as the KnowEdit metrics do: the target tokens are
-    those of ``prompt + " " + target`` after the tokens of the prompt alone."""
+    those of ``prompt + " " + target`` after the tokens of the prompt alone. ``after`` also
+    keeps each pair's last position (``after_index``)."""
     import torch
 
     seqs: list[list[int]] = []
@@ -189,7 +194,7 @@ def target_batch(
     ids, mask = pad_right(seqs, pad_id(tokenizer), device)
     keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
     for i, (a, b) in enumerate(spans):
-        keep[i, a - 1 : b - 1] = True
+        keep[i, a - 1 : b - 1 + int(after)] = True
     for j, pos in enumerate(extra_keep):
         keep[len(spans) + j, pos] = True
     flat = keep.flatten().cumsum(0).reshape(keep.shape) - 1
@@ -205,6 +210,9 @@ def target_batch(
         ).to(device),
         counts=torch.tensor([float(b - a) for a, b in spans], device=device),
         n_pairs=len(spans),
+        after_index=torch.stack([flat[i, b - 1] for i, (_, b) in enumerate(spans)])
+        if after
+        else None,
     )
 
 

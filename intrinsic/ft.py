@@ -8,7 +8,14 @@
   ``prompt + " " + target`` — the tokens KnowEdit's Edit Succ. scores.
 
 Adam (``lr``, ``weight_decay``) for ``steps`` passes over the requests in batches of
-``batch_size``; a batch whose loss is below ``early_stop_loss`` is not stepped (EasyEdit).
+``batch_size``; a batch whose loss is below ``early_stop_loss`` is not stepped (EasyEdit), nor,
+with FT-M's ``stop_at_argmax``, one whose every target token is already the teacher-forced
+argmax (what Edit Succ. scores): the smallest change that makes the edit. FT-M's
+``neighbour_factor`` adds that times the summed KL divergence of the next-token distributions
+after ``neighbour_templates`` (other questions about the edited subject, as ROME's value keeps
+them) from the unedited model's, so the subject's other facts are held in place;
+``after_factor`` the same for the distribution right after the target (what the unedited model
+would say once the new answer is given), so the edit does not make the model repeat it.
 Weights are changed in place and recorded into the delta (originals cloned first), so a
 failure or a non-finite result restores them.
 """
@@ -32,7 +39,14 @@ from .compute import (
     pad_right,
     target_batch,
 )
-from .hparams import check_float, check_int, check_layers, layers_value
+from .hparams import (
+    NEIGHBOUR_TEMPLATES,
+    check_float,
+    check_int,
+    check_layers,
+    check_templates,
+    layers_value,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +55,14 @@ if TYPE_CHECKING:
 
     from memedit.types import EditRequest
 
-    Loss = Callable[[nn.Module, PreTrainedTokenizerBase, Sequence[EditRequest]], torch.Tensor]
+    from .compute import TargetBatch
+
+    #: A batch's mean loss, and whether every target token is already the argmax; the last
+    #: argument is the unedited log-probabilities after the batch's neighbour prompts, if any.
+    Loss = Callable[
+        [nn.Module, PreTrainedTokenizerBase, Sequence[EditRequest], "_Held | None"],
+        tuple[torch.Tensor, bool],
+    ]
 
 __all__ = ["FtLHparams", "FtMHparams", "edit_ft"]
 
@@ -78,14 +99,78 @@ class FtLHparams:
 
 @dataclass(frozen=True)
 class FtMHparams(FtLHparams):
-    """FT-M: the same settings, loss on the target tokens only."""
+    """FT-M: the same settings, loss on the target tokens only; ``stop_at_argmax``: leave a
+    batch alone once each of its target tokens is the argmax after its prefix."""
 
     objective: ClassVar[str] = "target"
 
+    stop_at_argmax: bool = False
+    neighbour_templates: tuple[str, ...] = NEIGHBOUR_TEMPLATES
+    neighbour_factor: float = 0.0
+    after_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        object.__setattr__(
+            self, "neighbour_templates", check_templates(owner, self.neighbour_templates)
+        )
+        check_float(owner, "neighbour_factor", self.neighbour_factor)
+        check_float(owner, "after_factor", self.after_factor)
+
+
+@dataclass
+class _Held:
+    """What one batch of FT-M keeps in place: the next-token distributions after its neighbour
+    prompts (token ids, read after their last token, and the request each belongs to) and,
+    with ``after``, after each target; ``ref`` holds the unedited model's log-probabilities
+    there (filled by the call before training)."""
+
+    rows: list[list[int]]
+    owner: list[int]
+    neighbour_factor: float
+    after_factor: float
+    ref: torch.Tensor | None = None
+
+    @classmethod
+    def of(
+        cls, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], hp: FtMHparams
+    ) -> _Held | None:
+        """None when neither term is on."""
+        rows, owner = [], []
+        for i, r in enumerate(requests):
+            if r.subject and hp.neighbour_factor > 0:
+                for t in hp.neighbour_templates:
+                    rows.append(encode(tok, t.format(r.subject)))
+                    owner.append(i)
+        if not rows and hp.after_factor <= 0:
+            return None
+        return cls(rows, owner, hp.neighbour_factor, hp.after_factor)
+
+    def penalty(self, logp: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+        """Per pair, the weighted KL divergences of the held distributions from ``ref``."""
+        import torch
+
+        at = [batch.flat[batch.n_pairs :][batch.keep[batch.n_pairs :]]]
+        weights = [torch.full((len(self.rows),), self.neighbour_factor, device=logp.device)]
+        owner = [torch.tensor(self.owner, dtype=torch.long, device=logp.device)]
+        if batch.after_index is not None:
+            at.append(batch.after_index)
+            weights.append(torch.full((batch.n_pairs,), self.after_factor, device=logp.device))
+            owner.append(torch.arange(batch.n_pairs, device=logp.device))
+        now = logp[torch.cat(at)]
+        if self.ref is None:
+            self.ref = now.detach().clone()
+        kl = (now.exp() * (now - self.ref)).sum(dim=-1) * torch.cat(weights)
+        return torch.zeros(batch.n_pairs, device=logp.device).index_add(0, torch.cat(owner), kl)
+
 
 def _prompt_last_loss(
-    model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
-) -> torch.Tensor:
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    held: _Held | None,
+) -> tuple[torch.Tensor, bool]:
     import torch
 
     device = model_device(model)
@@ -102,15 +187,31 @@ def _prompt_last_loss(
             msg = f"target_new {r.target_new!r} has no tokens"
             raise InvalidRequestError(msg, field="target_new", value=r.target_new)
         losses.append(-logp[i, torch.tensor(target, device=device)].mean())
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean(), False  # a bag of tokens at one position: no argmax test
 
 
 def _target_loss(
-    model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
-) -> torch.Tensor:
-    batch = target_batch(tok, [(r.prompt, r.target_new) for r in requests], model_device(model))
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    held: _Held | None,
+) -> tuple[torch.Tensor, bool]:
+    rows = held.rows if held is not None else []
+    batch = target_batch(
+        tok,
+        [(r.prompt, r.target_new) for r in requests],
+        model_device(model),
+        extra_rows=rows,
+        extra_keep=[len(row) - 1 for row in rows],
+        after=held is not None and held.after_factor > 0,
+    )
     logits = forward_logits(model, batch.ids, batch.mask, batch.keep)
-    return batch.nll(logits.float().log_softmax(dim=-1)).mean()
+    solved = bool((logits[batch.tgt_index].argmax(dim=-1) == batch.tgt_token).all())
+    logp = logits.float().log_softmax(dim=-1)
+    loss = batch.nll(logp)
+    if held is not None:
+        loss = loss + held.penalty(logp, batch)
+    return loss.mean(), solved
 
 
 _LOSSES: dict[str, Loss] = {"prompt_last": _prompt_last_loss, "target": _target_loss}
@@ -143,18 +244,27 @@ def _train(
 
     hp: FtLHparams = ctx.hparams
     reqs = list(ctx.requests)
+    at_argmax = bool(getattr(hp, "stop_at_argmax", False))
+    batches = [reqs[start : start + hp.batch_size] for start in range(0, len(reqs), hp.batch_size)]
+    near = [_Held.of(ctx.tokenizer, b, hp) if isinstance(hp, FtMHparams) else None for b in batches]
     opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
     originals = [ctx.delta.original(n) for n in names]
     losses: list[float] = []
     with frozen(ctx.model, trainable=names):
+        with torch.no_grad():  # the unedited model's distributions, before any batch is stepped
+            for batch, held in zip(batches, near, strict=True):
+                if held is not None:
+                    loss_fn(ctx.model, ctx.tokenizer, batch, held)
         for _ in range(hp.steps):
             step_losses = []
-            for start in range(0, len(reqs), hp.batch_size):
-                loss = loss_fn(ctx.model, ctx.tokenizer, reqs[start : start + hp.batch_size])
+            done = True
+            for batch, held in zip(batches, near, strict=True):
+                loss, solved = loss_fn(ctx.model, ctx.tokenizer, batch, held)
                 value = float(loss.detach())
                 step_losses.append(value)
-                if value < hp.early_stop_loss:
+                if value < hp.early_stop_loss or (at_argmax and solved):
                     continue
+                done = False
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -164,7 +274,7 @@ def _train(
                         for p, p0 in zip(params, originals, strict=True):
                             p.copy_(torch.clamp(p, min=p0 - eps, max=p0 + eps))
             losses.append(sum(step_losses) / len(step_losses))
-            if max(step_losses) < hp.early_stop_loss:
+            if done:
                 break
     return losses
 

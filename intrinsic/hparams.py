@@ -93,6 +93,22 @@ def layers_value(value: object) -> tuple[int, ...] | None:
     return value  # type: ignore[return-value]  # rejected by validation
 
 
+def check_templates(owner: str, templates: object) -> tuple[str, ...]:
+    """``neighbour_templates`` as a tuple (one text is one template), each holding one ``{}``
+    for the subject; raises naming ``owner`` otherwise."""
+    if isinstance(templates, str):
+        templates = (templates,)
+    if not isinstance(templates, (tuple, list)) or not all(
+        isinstance(t, str) and t.count("{}") == 1 for t in templates
+    ):
+        msg = (
+            f"{owner}.neighbour_templates must be texts each holding one '{{}}' for the "
+            f"subject, got {templates!r}"
+        )
+        raise InvalidRequestError(msg, field="neighbour_templates", value=templates)
+    return tuple(templates)
+
+
 #: Other questions about the edited subject whose answers the value optimisation keeps (ROME's
 #: default, tuned on held-out records; MEMIT and AlphaEdit share it).
 NEIGHBOUR_TEMPLATES = ("The country of {} is", "The type of {} is", "{} is located in")
@@ -150,18 +166,9 @@ class ValueHparams:
         check_float(owner, "clamp_norm_factor", self.clamp_norm_factor)
         check_float(owner, "kl_factor", self.kl_factor)
         check_float(owner, "neighbour_factor", self.neighbour_factor)
-        templates = self.neighbour_templates
-        if isinstance(templates, str):
-            templates = (templates,)
-        if not isinstance(templates, (tuple, list)) or not all(
-            isinstance(t, str) and t.count("{}") == 1 for t in templates
-        ):
-            msg = (
-                f"{owner}.neighbour_templates must be texts each holding one '{{}}' for the "
-                f"subject, got {self.neighbour_templates!r}"
-            )
-            raise InvalidRequestError(msg, field="neighbour_templates", value=templates)
-        object.__setattr__(self, "neighbour_templates", tuple(templates))
+        object.__setattr__(
+            self, "neighbour_templates", check_templates(owner, self.neighbour_templates)
+        )
         check_float(owner, "early_stop_loss", self.early_stop_loss)
         check_int(owner, "n_prefixes", self.n_prefixes, minimum=0)
         check_int(owner, "prefix_tokens", self.prefix_tokens, minimum=1)

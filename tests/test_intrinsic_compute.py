@@ -98,6 +98,26 @@ def test_forward_logits_keeps_exactly_the_marked_positions() -> None:
     assert nll.shape == (2,) and bool((nll > 0).all())
 
 
+def test_target_batch_after_keeps_each_rows_last_position_too() -> None:
+    """``after=True`` adds the position after each target to the kept logits without moving
+    the target positions' scores."""
+    model, tok = tiny_llama()
+    pairs = [("The sky is", "blue"), ("Where did Leo Arons", "die ?")]
+    plain = target_batch(tok, pairs, "cpu")
+    batch = target_batch(tok, pairs, "cpu", after=True)
+    assert plain.after_index is None and batch.after_index is not None
+    kept = forward_logits(model, batch.ids, batch.mask, batch.keep)
+    with torch.no_grad():
+        full = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+    lengths = batch.mask.sum(dim=1)
+    for i in range(2):
+        torch.testing.assert_close(kept[batch.after_index[i]], full[i, lengths[i] - 1])
+    plain_kept = forward_logits(model, plain.ids, plain.mask, plain.keep)
+    torch.testing.assert_close(
+        batch.nll(kept.log_softmax(-1)), plain.nll(plain_kept.log_softmax(-1))
+    )
+
+
 def test_subject_keys_average_over_prefixes_and_keep_the_bare_prompt() -> None:
     model, tok = tiny_llama()
     req = EditRequest(prompt="Where did Leo Arons die?", target_new="Berlin", subject="Leo Arons")

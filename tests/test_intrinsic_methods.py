@@ -158,7 +158,7 @@ def test_exception_midway_restores_everything(
         objective = "prompt_last" if method == "ft-l" else "target"
         real_loss = ft._LOSSES[objective]
 
-        def failing_loss(*args: Any) -> torch.Tensor:
+        def failing_loss(*args: Any) -> tuple[torch.Tensor, bool]:
             calls["n"] += 1
             if calls["n"] == 3:
                 assert _changed(model, snap)
@@ -190,7 +190,12 @@ def test_non_finite_update_is_refused(
     else:
         objective = "prompt_last" if method == "ft-l" else "target"
         real_loss = ft._LOSSES[objective]
-        monkeypatch.setitem(ft._LOSSES, objective, lambda *a: real_loss(*a) * float("nan"))
+
+        def nan_loss(*a: Any) -> tuple[torch.Tensor, bool]:
+            loss, solved = real_loss(*a)
+            return loss * float("nan"), solved
+
+        monkeypatch.setitem(ft._LOSSES, objective, nan_loss)
     with pytest.raises(NonFiniteUpdateError, match="NaN/Inf"):
         apply_edit(method, model, tok, [REQUEST], _hp(method), stats=stats)
     assert _same(model, snap)
@@ -302,3 +307,79 @@ def test_neighbour_prompts_enter_the_value_loss(stats: KeyStatistics) -> None:
     with pytest.raises(InvalidRequestError, match="neighbour_templates") as bad:
         RomeHparams(neighbour_templates=("no placeholder",))
     assert bad.value.field == "neighbour_templates"
+
+
+def test_ft_m_stop_at_argmax_stops_once_every_target_token_is_the_argmax() -> None:
+    """``stop_at_argmax`` ends training at the first pass where teacher forcing already
+    predicts every target token; without it training goes on (the loss is still above
+    ``early_stop_loss``), so the stopped edit is the smaller one."""
+    target = "Berlin Paris"
+    req = EditRequest(prompt=REQUEST.prompt, target_new=target, subject=REQUEST.subject)
+    hp = {"layer": 1, "lr": 5e-2, "steps": 30}
+
+    def run(stop: bool) -> tuple[list[float], float, float]:
+        model, tok = tiny_llama()
+        before = model.get_parameter("model.layers.1.mlp.down_proj.weight").detach().clone()
+        delta = apply_edit("ft-m", model, tok, [req], {**hp, "stop_at_argmax": stop})
+        after = model.get_parameter("model.layers.1.mlp.down_proj.weight").detach()
+        acc = teacher_forced_accuracy(model, tok, [req.prompt], [target])[0]
+        return delta.info["losses"], float(acc), float((after - before).norm())
+
+    losses, acc, moved = run(True)
+    assert acc == 1.0  # the edit is made ...
+    full_losses, full_acc, full_moved = run(False)
+    assert full_acc == 1.0
+    assert len(losses) < len(full_losses)  # ... in fewer passes
+    assert moved < full_moved  # ... with a smaller change
+
+
+def test_ft_m_neighbour_term_holds_the_subjects_other_prompts() -> None:
+    """FT-M's ``neighbour_factor`` keeps the next-token distribution after a neighbour prompt
+    about the subject closer to the unedited model's than plain FT-M does."""
+    neighbour = "The sky is blue. Where did {}"  # shares the edited prompt's last tokens
+    text = neighbour.format(REQUEST.subject)
+    hp = {"layer": 1, "lr": 5e-2, "steps": 10, "neighbour_templates": (neighbour,)}
+
+    def drift(factor: float) -> float:
+        model, tok = tiny_llama()
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = model(ids).logits[0, -1].log_softmax(-1)
+        delta = apply_edit("ft-m", model, tok, [REQUEST], {**hp, "neighbour_factor": factor})
+        assert delta.info["losses"][-1] < delta.info["losses"][0]
+        with torch.no_grad():
+            now = model(ids).logits[0, -1].log_softmax(-1)
+        return float((now.exp() * (now - ref)).sum())
+
+    plain, held = drift(0.0), drift(50.0)
+    assert plain > 1e-3  # plain FT-M moves the neighbour's distribution ...
+    assert held < 0.5 * plain  # ... the neighbour term keeps most of it in place
+    with pytest.raises(InvalidRequestError, match="neighbour_templates") as bad:
+        FtMHparams(neighbour_templates=("no placeholder",))
+    assert bad.value.field == "neighbour_templates"
+
+
+def test_ft_m_after_term_holds_what_follows_the_target() -> None:
+    """FT-M's ``after_factor`` keeps the next-token distribution after ``prompt + target``
+    closer to the unedited model's than plain FT-M does (plain FT-M tends to make the model
+    say the new answer again)."""
+    text = f"{REQUEST.prompt} {REQUEST.target_new}"
+    hp = {"layer": 1, "lr": 5e-2, "steps": 10}
+
+    def drift(factor: float) -> float:
+        model, tok = tiny_llama()
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = model(ids).logits[0, -1].log_softmax(-1)
+        delta = apply_edit("ft-m", model, tok, [REQUEST], {**hp, "after_factor": factor})
+        assert delta.info["losses"][-1] < delta.info["losses"][0]
+        with torch.no_grad():
+            now = model(ids).logits[0, -1].log_softmax(-1)
+        return float((now.exp() * (now - ref)).sum())
+
+    plain, held = drift(0.0), drift(50.0)
+    assert plain > 1e-3
+    assert held < 0.5 * plain
+    with pytest.raises(InvalidRequestError, match="after_factor") as bad:
+        FtMHparams(after_factor=-1.0)
+    assert bad.value.field == "after_factor"
