@@ -124,7 +124,9 @@ class ValueHparams:
     distribution after ``"{subject} is a"`` from its unedited value (the subject's "essence") +
     ``neighbour_factor`` x the summed KL of the next-token distributions after each of
     ``neighbour_templates`` (other questions about the same subject, e.g. "The country of
-    {} is", read after their last token) + ``v_weight_decay`` x ||delta|| / ||v0||²; delta
+    {} is", read after their last token) + ``after_factor`` x the KL of the distribution
+    after ``prompt + " " + target`` (what follows the new answer; an edited model that keeps
+    repeating its answer loses Fluency) + ``v_weight_decay`` x ||delta|| / ||v0||²; delta
     is kept within ``clamp_norm_factor`` x ||v0||. It stops early once the target's NLL is
     below ``early_stop_loss`` (ROME tests the whole loss; on a small model the KL term alone
     often stays above the threshold).
@@ -150,6 +152,7 @@ class ValueHparams:
     kl_factor: float = 0.0625
     neighbour_templates: tuple[str, ...] = ()
     neighbour_factor: float = 0.0
+    after_factor: float = 0.0
     early_stop_loss: float = 0.05
     n_prefixes: int = 4
     prefix_tokens: int = 5
@@ -166,6 +169,7 @@ class ValueHparams:
         check_float(owner, "clamp_norm_factor", self.clamp_norm_factor)
         check_float(owner, "kl_factor", self.kl_factor)
         check_float(owner, "neighbour_factor", self.neighbour_factor)
+        check_float(owner, "after_factor", self.after_factor)
         object.__setattr__(
             self, "neighbour_templates", check_templates(owner, self.neighbour_templates)
         )

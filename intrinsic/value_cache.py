@@ -57,6 +57,11 @@ VERSION = "1"
 _ACTIVE: ContextVar[ValueCache | None] = ContextVar("memedit_value_cache", default=None)
 
 
+#: Value settings added after the key format was fixed, with their defaults: at its default
+#: such a setting is left out of the key, so values stored before it existed still match.
+LATER_FIELDS: dict[str, object] = {"after_factor": 0.0}
+
+
 class ValueCache:
     """One directory of optimised values (see the module docstring)."""
 
@@ -87,7 +92,11 @@ class ValueCache:
             "module": module_name,
             "request": [request.prompt, request.target_new, request.subject],
             "prefixes": list(prefixes),
-            "hparams": {k: repr(v) for k, v in sorted(dataclasses.asdict(hp).items())},
+            "hparams": {
+                k: repr(v)
+                for k, v in sorted(dataclasses.asdict(hp).items())
+                if not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+            },
             "hparams_type": type(hp).__name__,
             "device": model_device(model).type,
             "tokenizer": [type(tokenizer).__name__, len(tokenizer)],

@@ -386,6 +386,12 @@ def _plan(
             plan.kl_cols.append(col)
             plan.kl_read.append(col if at_subject else len(ids) - 1)
             plan.kl_weights.append(factor)
+    if hp.after_factor > 0:  # the bare prompt with its new answer, read after the answer
+        ids = encode(tokenizer, f"{request.prompt} {request.target_new}")
+        plan.kl_rows.append(ids)
+        plan.kl_cols.append(plan.cols[0])
+        plan.kl_read.append(len(ids) - 1)
+        plan.kl_weights.append(hp.after_factor)
     return plan
 
 

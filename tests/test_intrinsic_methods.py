@@ -304,6 +304,14 @@ def test_neighbour_prompts_enter_the_value_loss(stats: KeyStatistics) -> None:
     assert loss == nll
     loss, nll = losses(10.0)
     assert loss > nll + 1e-3
+    # the position after the target reads the edit through attention: edit layer 0 of 2
+    hp = {**ROME_HP, "layer": 0, "kl_factor": 0.0, "neighbour_factor": 0.0}
+    for factor in (0.0, 100.0):
+        info = apply_edit(
+            "rome", *tiny_llama(), [REQUEST], {**hp, "after_factor": factor}, stats=stats
+        ).info
+        moved = info["value_loss"][0] - info["value_nll"][0]
+        assert moved > 1e-3 if factor else moved == 0  # the after-target KL is in the loss
     with pytest.raises(InvalidRequestError, match="neighbour_templates") as bad:
         RomeHparams(neighbour_templates=("no placeholder",))
     assert bad.value.field == "neighbour_templates"

@@ -149,3 +149,29 @@ def test_a_sequential_run_re_applying_its_chain_hits_every_value(tmp_path: Path)
         assert weights_digest(model) == base
     finally:
         em.close()
+
+
+def test_a_setting_added_later_keeps_earlier_keys_at_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value setting added after the key format (``LATER_FIELDS``) enters the key only when
+    it is not at its default, so values stored before it existed are still found."""
+    from memedit.intrinsic.rome import RomeHparams
+    from memedit.intrinsic.value_cache import LATER_FIELDS, ValueCache
+
+    model, tok = tiny_llama()
+    cache = ValueCache(tmp_path)
+    hp = RomeHparams()
+
+    def key(h: RomeHparams) -> str:
+        return cache.key(model, tok, REQUEST, "model.layers.1.mlp", [""], h)
+
+    now = key(hp)
+    assert key(dataclasses.replace(hp, after_factor=0.5)) != now
+    real = dataclasses.asdict
+
+    def without_later(obj: Any) -> dict[str, Any]:  # the hparams as they were before
+        return {k: v for k, v in real(obj).items() if k not in LATER_FIELDS}
+
+    monkeypatch.setattr(dataclasses, "asdict", without_later)
+    assert key(hp) == now
