@@ -1,4 +1,5 @@
-"""Fine-tuning one layer's MLP output projection, as EasyEdit's FT-L and FT-M do.
+"""Fine-tuning one layer's MLP output projection: EasyEdit's FT-L, and FT-M with two KL terms
+added by default (below; with both factors at 0 it is EasyEdit's FT-M).
 
 * FT-L (``objective = "prompt_last"``; Zhu et al. 2020's constrained fine-tuning as EasyEdit
   runs it): every target token is scored from the logits at the *last prompt token* (a bag of
