@@ -250,9 +250,10 @@ def _train(
 
     hp: FtLHparams = ctx.hparams
     reqs = list(ctx.requests)
-    at_argmax = bool(getattr(hp, "stop_at_argmax", False))
+    ftm = hp if isinstance(hp, FtMHparams) else None  # FT-L has neither option below
+    at_argmax = ftm is not None and ftm.stop_at_argmax
     batches = [reqs[start : start + hp.batch_size] for start in range(0, len(reqs), hp.batch_size)]
-    near = [_Held.of(ctx.tokenizer, b, hp) if isinstance(hp, FtMHparams) else None for b in batches]
+    near = [_Held.of(ctx.tokenizer, b, ftm) if ftm is not None else None for b in batches]
     opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
     originals = [ctx.delta.original(n) for n in names]
     losses: list[float] = []

@@ -343,26 +343,29 @@ def test_ft_m_stop_at_argmax_stops_once_every_target_token_is_the_argmax() -> No
     assert moved < full_moved  # ... with a smaller change
 
 
+def _ft_m_drift(text: str, hp: dict[str, Any]) -> float:
+    """KL divergence of the next-token distribution after ``text`` from the unedited model's,
+    after an FT-M edit of ``REQUEST`` with ``hp`` (which must lower the loss)."""
+    model, tok = tiny_llama()
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits[0, -1].log_softmax(-1)
+    delta = apply_edit("ft-m", model, tok, [REQUEST], hp)
+    assert delta.info["losses"][-1] < delta.info["losses"][0]
+    with torch.no_grad():
+        now = model(ids).logits[0, -1].log_softmax(-1)
+    return float((now.exp() * (now - ref)).sum())
+
+
 def test_ft_m_neighbour_term_holds_the_subjects_other_prompts() -> None:
     """FT-M's ``neighbour_factor`` keeps the next-token distribution after a neighbour prompt
-    about the subject closer to the unedited model's than plain FT-M does."""
+    about the subject closer to the unedited model's than FT-M without it does."""
     neighbour = "The sky is blue. Where did {}"  # shares the edited prompt's last tokens
     text = neighbour.format(REQUEST.subject)
     hp = {"layer": 1, "lr": 5e-2, "steps": 10, "neighbour_templates": (neighbour,)}
-
-    def drift(factor: float) -> float:
-        model, tok = tiny_llama()
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            ref = model(ids).logits[0, -1].log_softmax(-1)
-        delta = apply_edit("ft-m", model, tok, [REQUEST], {**hp, "neighbour_factor": factor})
-        assert delta.info["losses"][-1] < delta.info["losses"][0]
-        with torch.no_grad():
-            now = model(ids).logits[0, -1].log_softmax(-1)
-        return float((now.exp() * (now - ref)).sum())
-
-    plain, held = drift(0.0), drift(50.0)
-    assert plain > 1e-3  # plain FT-M moves the neighbour's distribution ...
+    plain = _ft_m_drift(text, {**hp, "neighbour_factor": 0.0})
+    held = _ft_m_drift(text, {**hp, "neighbour_factor": 50.0})
+    assert plain > 1e-3  # without the term FT-M moves the neighbour's distribution ...
     assert held < 0.5 * plain  # ... the neighbour term keeps most of it in place
     with pytest.raises(InvalidRequestError, match="neighbour_templates") as bad:
         FtMHparams(neighbour_templates=("no placeholder",))
@@ -371,23 +374,12 @@ def test_ft_m_neighbour_term_holds_the_subjects_other_prompts() -> None:
 
 def test_ft_m_after_term_holds_what_follows_the_target() -> None:
     """FT-M's ``after_factor`` keeps the next-token distribution after ``prompt + target``
-    closer to the unedited model's than plain FT-M does (plain FT-M tends to make the model
+    closer to the unedited model's than FT-M without it does (which tends to make the model
     say the new answer again)."""
     text = f"{REQUEST.prompt} {REQUEST.target_new}"
     hp = {"layer": 1, "lr": 5e-2, "steps": 10}
-
-    def drift(factor: float) -> float:
-        model, tok = tiny_llama()
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            ref = model(ids).logits[0, -1].log_softmax(-1)
-        delta = apply_edit("ft-m", model, tok, [REQUEST], {**hp, "after_factor": factor})
-        assert delta.info["losses"][-1] < delta.info["losses"][0]
-        with torch.no_grad():
-            now = model(ids).logits[0, -1].log_softmax(-1)
-        return float((now.exp() * (now - ref)).sum())
-
-    plain, held = drift(0.0), drift(50.0)
+    plain = _ft_m_drift(text, {**hp, "after_factor": 0.0})
+    held = _ft_m_drift(text, {**hp, "after_factor": 50.0})
     assert plain > 1e-3
     assert held < 0.5 * plain
     with pytest.raises(InvalidRequestError, match="after_factor") as bad:
