@@ -94,10 +94,11 @@ def layers_value(value: object) -> tuple[int, ...] | None:
 
 
 def check_templates(owner: str, templates: object) -> tuple[str, ...]:
-    """``neighbour_templates`` as a tuple (one text is one template), each holding one ``{}``
-    for the subject; raises naming ``owner`` otherwise."""
+    """``neighbour_templates`` as a tuple, each holding one ``{}`` for the subject; one text
+    is split at ``|`` (so ``"The country of {} is|{} is located in"`` from a strategy spec is
+    two templates); raises naming ``owner`` otherwise."""
     if isinstance(templates, str):
-        templates = (templates,)
+        templates = tuple(templates.split("|"))
     if not isinstance(templates, (tuple, list)) or not all(
         isinstance(t, str) and t.count("{}") == 1 for t in templates
     ):

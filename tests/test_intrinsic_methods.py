@@ -370,6 +370,11 @@ def test_ft_m_neighbour_term_holds_the_subjects_other_prompts() -> None:
     with pytest.raises(InvalidRequestError, match="neighbour_templates") as bad:
         FtMHparams(neighbour_templates=("no placeholder",))
     assert bad.value.field == "neighbour_templates"
+    # one text from a strategy spec is split at "|"
+    two = FtMHparams(neighbour_templates="The gender of {} is|{} works as")
+    assert two.neighbour_templates == ("The gender of {} is", "{} works as")
+    with pytest.raises(InvalidRequestError, match="neighbour_templates"):
+        FtMHparams(neighbour_templates="The gender of {} is|no placeholder")
 
 
 def test_ft_m_after_term_holds_what_follows_the_target() -> None:
