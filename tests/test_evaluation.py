@@ -28,6 +28,7 @@ from memedit.evaluation import (
     summarise,
     weights_digest,
     write_reports,
+    write_results,
 )
 from memedit.evaluation.report import load_records
 from memedit.evaluation.runner import records_path
@@ -313,6 +314,17 @@ def test_sequential_batches_apply_records_together_and_score_at_batch_ends(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["edit_batch"] == 2
     assert "2 records per edit" in write_reports(out)["md"].read_text()
+    # two runs' curves on one dataset: RESULTS.md shows them in one figure, side by side
+    one = config(tmp_path, strategies=("memory",), limit=2, sequential=2, out=str(tmp_path / "b"))
+    other = evaluate(em, one, progress=False)
+    results = write_results([out, other], tmp_path / "RESULTS.md").read_text()
+    figure = tmp_path / "plots" / "ZsRE-sequential-all.png"
+    assert figure.stat().st_size > 1000
+    assert f"![ZsRE sequential, all runs]({figure.as_posix()})" in results
+    assert "## Sequential editing, all runs side by side" in results
+    assert "ZsRE: recording (out, 2 per edit); memory (b)" in results
+    alone = write_results([other], tmp_path / "ONE.md").read_text()
+    assert "side by side" not in alone  # one curve: nothing to put beside it
     with pytest.raises(InvalidRequestError, match="with edit_batch 2"):
         evaluate(
             em,

@@ -245,27 +245,60 @@ def _plots(root: Path, summary: Mapping[str, Any], manifest: Mapping[str, Any]) 
             plt.close(fig)
             out[f"bar:{dataset}"] = path
         if "sequential" in modes:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for s, by_t in modes["sequential"].items():
-                ts = sorted(by_t, key=int)
-                for label in ("Edit Succ.", "Generalization", "Locality", "Locality (unrelated)"):
-                    ys = [by_t[t]["rows"].get(label) for t in ts]
-                    if any(y is not None for y in ys):
-                        ax.plot(
-                            [int(t) for t in ts],
-                            [y if y is not None else math.nan for y in ys],
-                            marker="o",
-                            label=f"{s}: {label}",
-                        )
-            ax.set_xscale("log")
-            ax.set_xlabel("T (edits applied)")
-            ax.set_ylabel("%")
-            ax.set_ylim(0, 100)
-            ax.set_title(f"{dataset} — {manifest['model']}, sequential editing")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
             path = folder / f"{dataset}-sequential.png"
-            fig.savefig(path, dpi=110, metadata=meta)
-            plt.close(fig)
+            title = f"{dataset} — {manifest['model']}, sequential editing"
+            plot_curves(path, title, modes["sequential"], CURVE_LABELS, meta)
             out[f"curve:{dataset}"] = path
     return out
+
+
+#: The rows a sequential curve plots (those a run has).
+CURVE_LABELS = ("Edit Succ.", "Generalization", "Locality", "Locality (unrelated)")
+
+
+def plot_curves(
+    path: Path,
+    title: str,
+    series: Mapping[str, Mapping[str, Any]],
+    labels: Sequence[str],
+    meta: Mapping[str, str],
+    *,
+    panels: bool = False,
+) -> None:
+    """Plot sequential curves (figure at ``path``): for each strategy of ``series`` (its
+    summary by T) and each of ``labels`` it has, the metric against T on a log axis; one axis
+    for all, or with ``panels`` one axis per label, a line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(labels) if panels else 1, figsize=(5.5 * len(labels) if panels else 6, 4)
+    )
+    axes = list(axes) if panels else [axes]
+    for i, label in enumerate(labels):
+        ax = axes[i if panels else 0]
+        for s, by_t in series.items():
+            ts = sorted(by_t, key=int)
+            ys = [by_t[t]["rows"].get(label) for t in ts]
+            if any(y is not None for y in ys):
+                ax.plot(
+                    [int(t) for t in ts],
+                    [y if y is not None else math.nan for y in ys],
+                    marker="o",
+                    label=s if panels else f"{s}: {label}",
+                )
+    for i, ax in enumerate(axes):
+        ax.set_xscale("log")
+        ax.set_xlabel("T (edits applied)")
+        ax.set_ylabel(f"{labels[i]} (%)" if panels else "%")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7)
+    if panels:
+        fig.suptitle(title)
+    else:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=dict(meta))
+    plt.close(fig)

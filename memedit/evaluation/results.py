@@ -87,11 +87,17 @@ def _dataset_table(
     return table
 
 
+#: What the figure of every run's sequential curves on one dataset shows, a panel each.
+COMBINED_LABELS = ("Edit Succ.", "Locality")
+
+
 def write_results(
     dirs: Sequence[str | Path], path: str | Path = "RESULTS.md", notes: str | Path | None = None
 ) -> Path:
     """Write RESULTS.md from evaluation directories (single and/or sequential runs), followed
-    by the Markdown file `notes` (how to read the numbers) when given."""
+    by the Markdown file `notes` (how to read the numbers) when given. Where the runs hold
+    sequential curves of more than one strategy on a dataset, one figure puts them side by
+    side (``plots/<dataset>-sequential-all.png`` beside the first directory)."""
     paper, here = reference_tables()
     lines = [
         "# Results",
@@ -109,10 +115,16 @@ def write_results(
         "",
     ]
     shown: set[str] = set()  # reference columns once per dataset, beside its first table
+    curves: dict[str, dict[str, Any]] = {}  # dataset -> "strategy, run" -> summary by T
     for d in dirs:
         root = Path(d)
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
         summary = summarise(load_records(root))
+        batch = int(manifest.get("edit_batch") or 1)
+        for ds, modes in summary.items():
+            for s, by_t in modes.get("sequential", {}).items():
+                per = f", {batch} per edit" if batch != 1 else ""
+                curves.setdefault(ds, {})[f"{s} ({root.name}{per})"] = by_t
         lines += [f"## Run `{root.name}`", "", *_manifest_lines(manifest), ""]
         order = [ds for ds in KNOWEDIT_DATASETS if ds in summary]
         order += [ds for ds in summary if ds not in order]
@@ -141,8 +153,32 @@ def write_results(
                 plot = root / "plots" / f"{ds}-sequential.png"
                 if plot.is_file():
                     lines += [f"![{ds} sequential]({plot.as_posix()})", ""]
+    lines += _combined_curves(curves, Path(dirs[0]).parent / "plots" if dirs else None)
     if notes is not None:
         lines += ["", Path(notes).read_text(encoding="utf-8")]
     out = Path(path)
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
+
+
+def _combined_curves(curves: Mapping[str, Mapping[str, Any]], folder: Path | None) -> list[str]:
+    """The figure of every run's sequential curves per dataset (those with two or more), and
+    the RESULTS.md lines that show it."""
+    from memedit.evaluation.report import plot_curves
+
+    shown = {ds: series for ds, series in curves.items() if len(series) > 1}
+    if not shown or folder is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["## Sequential editing, all runs side by side", ""]
+    for ds, series in shown.items():
+        path = folder / f"{ds}-sequential-all.png"
+        title = f"{ds}, sequential editing: every run"
+        plot_curves(path, title, series, COMBINED_LABELS, {"Title": title}, panels=True)
+        lines += [
+            f"{ds}: {'; '.join(series)}",
+            "",
+            f"![{ds} sequential, all runs]({path.as_posix()})",
+            "",
+        ]
+    return lines
