@@ -273,8 +273,11 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = (len(series) + 1) // 2 if panels else 0  # legend rows below the panels
     fig, axes = plt.subplots(
-        1, len(labels) if panels else 1, figsize=(5.5 * len(labels) if panels else 6, 4)
+        1,
+        len(labels) if panels else 1,
+        figsize=(5.5 * len(labels) if panels else 6, 4 + 0.25 * rows),
     )
     axes = list(axes) if panels else [axes]
     for i, label in enumerate(labels):
@@ -294,11 +297,14 @@ def plot_curves(
         ax.set_xlabel("T (edits applied)")
         ax.set_ylabel(f"{labels[i]} (%)" if panels else "%")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=7)
-    if panels:
+    if panels:  # one legend for all panels, below them
+        handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=7)
         fig.suptitle(title)
+        fig.tight_layout(rect=(0, 0.25 * rows / (4 + 0.25 * rows) + 0.02, 1, 1))
     else:
         axes[0].set_title(title)
-    fig.tight_layout()
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=dict(meta))
     plt.close(fig)
