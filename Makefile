@@ -90,11 +90,12 @@ eval-weights: venv
 
 # lifelong in-weight editing: 500 ZsRE edits applied 100 at a time, scored after each batch
 # sequential in-weight editing (issue #4), one thread: AlphaEdit (its default layers 3-7, and
-# 9-13, which kept more locality on held-out records) and MEMIT in batches of 100, ROME one
+# 9-13, which kept more locality on held-out records; and with smaller target values,
+# clamp_norm_factor=1, which kept more of both at T = 200) and MEMIT in batches of 100, ROME one
 # edit at a time. Each run keeps its optimised values (values/), so rerunning it on
 # another checkout re-applies the finished part of the chain quickly (same thread count).
 eval-weights-sequential: venv
-	for m in alphaedit memit alphaedit@layers=9:10:11:12:13; do \
+	for m in alphaedit memit alphaedit@layers=9:10:11:12:13 alphaedit@clamp_norm_factor=1; do \
 		OMP_NUM_THREADS=1 $(BIN)/memedit eval --dataset ZsRE --limit 500 --strategies weights:$$m \
 			--sequential 500 --edit-batch 100 --checkpoints 100,200,300,400,500 --no-generation \
 			--fluency-tokens 0 --out $(EVAL_DIR)/weights-sequential-ZsRE || exit 1; done
