@@ -121,10 +121,7 @@ def write_results(
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
         summary = summarise(load_records(root))
         batch = int(manifest.get("edit_batch") or 1)
-        for ds, modes in summary.items():
-            for s, by_t in modes.get("sequential", {}).items():
-                per = f", {batch} per edit" if batch != 1 else ""
-                curves.setdefault(ds, {})[f"{s} ({root.name}{per})"] = by_t
+        run = f"{root.name}, {batch} per edit" if batch != 1 else root.name
         lines += [f"## Run `{root.name}`", "", *_manifest_lines(manifest), ""]
         order = [ds for ds in KNOWEDIT_DATASETS if ds in summary]
         order += [ds for ds in summary if ds not in order]
@@ -142,6 +139,7 @@ def write_results(
                 if bars.is_file():
                     lines += [f"![{ds}]({bars.as_posix()})", ""]
             for s, by_t in modes.get("sequential", {}).items():
+                curves.setdefault(ds, {})[f"{s} ({run})"] = by_t
                 ts = sorted(by_t, key=int)
                 labels = [lbl for lbl in next(iter(by_t.values()))["rows"]]
                 table = [["Metric", *(f"T={t}" for t in ts)]]
