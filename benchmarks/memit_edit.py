@@ -35,7 +35,7 @@ def _options(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
-        out[key] = value  # layers=3:4:5 stays a string
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)  # 3:4:5 stays a text
         for cast in (int, float):
             try:
                 out[key] = cast(value)

@@ -165,6 +165,16 @@ class TargetBatch:
         total = torch.zeros(self.n_pairs, device=logp.device, dtype=logp.dtype)
         return total.index_add(0, self.tgt_row, -token_lp) / self.counts
 
+    def hits(self, logp: torch.Tensor) -> torch.Tensor:
+        """Whether every target token of each pair is the argmax at its position (what Edit
+        Succ. scores, teacher-forced), shape (n_pairs,), from the kept logits or
+        log-probabilities."""
+        import torch
+
+        right = (logp[self.tgt_index].argmax(dim=-1) == self.tgt_token).to(self.counts.dtype)
+        total = torch.zeros(self.n_pairs, device=logp.device, dtype=self.counts.dtype)
+        return total.index_add(0, self.tgt_row, right) == self.counts
+
 
 def target_batch(
     tokenizer: PreTrainedTokenizerBase,

@@ -130,7 +130,10 @@ class ValueHparams:
     repeating its answer loses Fluency) + ``v_weight_decay`` x ||delta|| / ||v0||²; delta
     is kept within ``clamp_norm_factor`` x ||v0||. It stops early once the target's NLL is
     below ``early_stop_loss`` (ROME tests the whole loss; on a small model the KL term alone
-    often stays above the threshold).
+    often stays above the threshold), or, with ``stop_at_argmax``, once every target token
+    after every prefixed prompt is the argmax (ENCORE's "most-probable early stopping",
+    Gupta et al. 2025: the value is driven no further than the edit needs, so it stays
+    smaller and the optimisation takes fewer passes).
 
     Context prefixes: the bare prompt plus ``n_prefixes`` texts sampled from the model itself
     (top-5 sampling, seed ``prefix_seed``, ``prefix_tokens`` new tokens after one of EasyEdit's
@@ -155,6 +158,7 @@ class ValueHparams:
     neighbour_factor: float = 0.0
     after_factor: float = 0.0
     early_stop_loss: float = 0.05
+    stop_at_argmax: bool = False
     n_prefixes: int = 4
     prefix_tokens: int = 5
     prefix_seed: int = 0
@@ -178,6 +182,9 @@ class ValueHparams:
         check_int(owner, "n_prefixes", self.n_prefixes, minimum=0)
         check_int(owner, "prefix_tokens", self.prefix_tokens, minimum=1)
         check_int(owner, "prefix_seed", self.prefix_seed, minimum=0)
+        if not isinstance(self.stop_at_argmax, bool):
+            msg = f"{owner}.stop_at_argmax must be a bool, got {self.stop_at_argmax!r}"
+            raise InvalidRequestError(msg, field="stop_at_argmax", value=self.stop_at_argmax)
         if not isinstance(self.prefix_cache, bool):
             msg = f"{owner}.prefix_cache must be a bool, got {self.prefix_cache!r}"
             raise InvalidRequestError(msg, field="prefix_cache", value=self.prefix_cache)

@@ -526,12 +526,17 @@ def _optimise_chunk(
                 kl = (now.exp() * (now - ref)).sum(dim=-1) * cur.kl_weight
                 loss = loss + torch.zeros_like(loss).index_add(0, cur.kl_owner, kl)
             losses, nlls = loss.detach().tolist(), nll.detach().tolist()
+            solved = [False] * len(cur.active)
+            if hp.stop_at_argmax:
+                solved = (
+                    cur.batch.hits(logp).reshape(len(cur.active), n_prefixes).all(dim=1).tolist()
+                )
             going: list[int] = []
             for k, i in enumerate(cur.active):
                 logger.debug(
                     "value %d step %d: loss %.4f nll %.4f", first + i, step, losses[k], nlls[k]
                 )
-                if nlls[k] < hp.early_stop_loss or step == hp.v_steps - 1:
+                if nlls[k] < hp.early_stop_loss or solved[k] or step == hp.v_steps - 1:
                     target = inits[i] + deltas[i].detach()
                     results[i] = ValueResult(inits[i], target, losses[k], nlls[k], step + 1)
                 else:

@@ -328,3 +328,77 @@ def test_batched_values_match_one_request_at_a_time(
         assert abs(a.nll - b.nll) < 1e-3
     with pytest.raises(InvalidRequestError, match="chunk"):
         optimise_values(model, tok, reqs, module, prefixes, hp, chunk=0)
+
+
+def test_target_batch_hits_mark_pairs_whose_every_target_token_is_the_argmax() -> None:
+    from memedit.intrinsic.compute import TargetBatch
+
+    # two pairs: row 0 scores tokens 3, 1 at kept positions 0, 1; row 1 scores token 2 at 2
+    batch = TargetBatch(
+        ids=torch.zeros(2, 3, dtype=torch.long),
+        mask=torch.ones(2, 3, dtype=torch.long),
+        keep=torch.ones(2, 3, dtype=torch.bool),
+        flat=torch.arange(6).reshape(2, 3),
+        tgt_index=torch.tensor([0, 1, 2]),
+        tgt_token=torch.tensor([3, 1, 2]),
+        tgt_row=torch.tensor([0, 0, 1]),
+        counts=torch.tensor([2.0, 1.0]),
+        n_pairs=2,
+    )
+    logp = torch.full((3, 4), -5.0)
+    logp[0, 3] = logp[1, 1] = logp[2, 0] = -0.1  # pair 0 right twice, pair 1 wrong
+    assert batch.hits(logp).tolist() == [True, False]
+    logp[1, 2] = 0.0  # pair 0's second token now loses to token 2
+    logp[2, 2] = 0.0
+    assert batch.hits(logp).tolist() == [False, True]
+
+
+def test_stop_at_argmax_ends_the_value_where_the_edit_first_holds() -> None:
+    """With ``stop_at_argmax`` the value stops at the first pass whose every prefixed prompt
+    already gives every target token as the argmax: the same trajectory as a plain run cut
+    at that many passes, where the target holds after every prefix and one pass earlier
+    it did not."""
+    from memedit.intrinsic import RomeHparams
+    from memedit.intrinsic.compute import forward_logits, lookup_index, mlp_out_name, target_batch
+    from memedit.intrinsic.values import optimise_value
+
+    replace = dataclasses.replace
+    model, tok = tiny_llama()
+    req = EditRequest(
+        prompt="The sky is blue. Where did Leo Arons", target_new="Paris", subject="Leo Arons"
+    )
+    prefixes = ("", "The sky is blue. ", "Q: A: ")
+    module = mlp_out_name(model, 0)
+    # small Adam steps, so the edit takes several passes to hold (the clamp never binds)
+    base = RomeHparams(
+        v_steps=40, v_lr=0.003, v_weight_decay=0.0, early_stop_loss=0.0,
+        clamp_norm_factor=100.0, kl_factor=0.0,
+    )  # fmt: skip
+    stopped = optimise_value(model, tok, req, module, prefixes, replace(base, stop_at_argmax=True))
+    assert 2 < stopped.steps < base.v_steps
+    assert stopped.nll > base.early_stop_loss
+
+    def holds(value: torch.Tensor) -> bool:
+        delta = value - stopped.init
+        batch = target_batch(tok, [(p + req.prompt, req.target_new) for p in prefixes], "cpu")
+        cols = [lookup_index(tok, p, req) for p in prefixes]
+
+        def put(out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            for row, col in enumerate(cols):
+                out[row, col] += delta
+            return out
+
+        with torch.no_grad(), edit_output(model, module, put):
+            logits = forward_logits(model, batch.ids, batch.mask, batch.keep)
+        return bool(batch.hits(logits.float()).all())
+
+    # Adam's trajectory does not depend on when it stops: a plain run of the same passes ends
+    # on the same value; the value it holds one pass earlier does not yet make the edit.
+    same = optimise_value(model, tok, req, module, prefixes, replace(base, v_steps=stopped.steps))
+    torch.testing.assert_close(same.target, stopped.target)
+    earlier = optimise_value(
+        model, tok, req, module, prefixes, replace(base, v_steps=stopped.steps - 1)
+    )
+    assert holds(stopped.target)
+    assert not holds(earlier.target)
