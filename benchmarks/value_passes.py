@@ -3,6 +3,7 @@
     python benchmarks/value_passes.py --limit 20 --chunks 1,4
     python benchmarks/value_passes.py --limit 20 --chunks 1 --padded    # the layout before packing
     python benchmarks/value_passes.py --throughput    # the machine's rate, tokens per pass
+    python benchmarks/value_passes.py --chunks 4,8 --value-dtypes model,bfloat16   # a bf16 copy
 
 Optimises the values of the first ``--limit`` records of the dataset's dev split at the output
 of the last MEMIT layer (the method's defaults), ``chunk`` requests per forward pass, and prints
@@ -18,6 +19,7 @@ prints milliseconds per pass and per token: the arithmetic floor of a value pass
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import time
@@ -31,6 +33,9 @@ def main() -> None:
     ap.add_argument("--method", default="memit", help="whose value hyperparameters: memit, rome")
     ap.add_argument("--chunks", default="1,4", help="requests per pass, comma-separated")
     ap.add_argument("--padded", action="store_true", help="the right-padded layout")
+    ap.add_argument(
+        "--value-dtypes", default="model", help="ValueHparams.value_dtype values, comma-separated"
+    )
     ap.add_argument("--throughput", action="store_true", help="time whole-model passes instead")
     args = ap.parse_args()
     if args.throughput:
@@ -59,15 +64,20 @@ def main() -> None:
         f"{'padded' if args.padded else 'default'} layout; torch threads {torch.get_num_threads()}"
     )
     print()
-    print("| chunk | s per request | passes per request | s per pass and request | final NLL |")
-    print("|---|---|---|---|---|")
-    for chunk in (int(c) for c in args.chunks.split(",")):
+    print(
+        "| value dtype | chunk | s per request | passes per request | s per pass and request "
+        "| final NLL |"
+    )
+    print("|---|---|---|---|---|---|")
+    runs = [(d, int(c)) for d in args.value_dtypes.split(",") for c in args.chunks.split(",")]
+    for value_dtype, chunk in runs:
+        run_hp = dataclasses.replace(hp, value_dtype=value_dtype)
         t0 = time.perf_counter()
-        found = values.optimise_values(model, tok, requests, module, prefixes, hp, chunk=chunk)
+        found = values.optimise_values(model, tok, requests, module, prefixes, run_hp, chunk=chunk)
         secs = time.perf_counter() - t0
         steps = sum(v.steps for v in found)
         print(
-            f"| {chunk} | {secs / len(found):.2f} | {steps / len(found):.1f} "
+            f"| {value_dtype} | {chunk} | {secs / len(found):.2f} | {steps / len(found):.1f} "
             f"| {secs / steps:.3f} | {statistics.fmean(v.nll for v in found):.3f} |",
             flush=True,
         )

@@ -41,6 +41,7 @@ __all__ = [
     "forward_logits",
     "frozen",
     "least_squares_update",
+    "lookup_outputs",
     "mlp_out_name",
     "model_device",
     "pad_right",
@@ -253,6 +254,24 @@ def capture(
     ):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     return tr.inputs[module_name], tr.outputs[module_name]
+
+
+def lookup_outputs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    module_name: str,
+    requests: Sequence[EditRequest],
+) -> torch.Tensor:
+    """Output of ``module_name`` at each request's lookup token of the bare prompt, (n, width)
+    float32 (the point :func:`optimise_value` starts from)."""
+    import torch
+
+    seqs = [encode(tokenizer, r.prompt) for r in requests]
+    where = [lookup_index(tokenizer, "", r) for r in requests]
+    ids, mask = pad_right(seqs, pad_id(tokenizer), model_device(model))
+    _, out = capture(model, module_name, ids, mask)
+    rows = torch.arange(len(seqs), device=ids.device)
+    return out[rows, torch.tensor(where, device=ids.device)].float()
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:

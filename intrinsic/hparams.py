@@ -115,6 +115,10 @@ def check_templates(owner: str, templates: object) -> tuple[str, ...]:
 NEIGHBOUR_TEMPLATES = ("The country of {} is", "The type of {} is", "{} is located in")
 
 
+#: What :attr:`ValueHparams.value_dtype` accepts.
+VALUE_DTYPES = ("model", "bfloat16", "float16", "float32")
+
+
 @dataclass(frozen=True)
 class ValueHparams:
     """How the target value is optimised (ROME's ``compute_v``, MEMIT's ``compute_z``).
@@ -138,6 +142,12 @@ class ValueHparams:
     Context prefixes: the bare prompt plus ``n_prefixes`` texts sampled from the model itself
     (top-5 sampling, seed ``prefix_seed``, ``prefix_tokens`` new tokens after one of EasyEdit's
     starters "The", "Therefore", "Because", "I", "You"), so nothing is downloaded.
+
+    ``value_dtype``: ``"model"`` runs the passes on the model itself; a dtype name
+    (``"bfloat16"``, ``"float16"``, ``"float32"``) runs them on a copy of the model in that
+    dtype, made for the call (e.g. bfloat16 on a CPU with AMX or AVX512-BF16, where its
+    matrix products are native and faster). Only the optimised change is taken from the copy:
+    the returned ``init`` is the model's own output, so a solve sees no cast error.
 
     ``prefix_cache``: the tokens every row has before its subject are not affected by the
     optimised vector; they are run once and their keys/values reused at every step (same
@@ -163,6 +173,7 @@ class ValueHparams:
     prefix_tokens: int = 5
     prefix_seed: int = 0
     prefix_cache: bool = True
+    value_dtype: str = "model"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -188,6 +199,9 @@ class ValueHparams:
         if not isinstance(self.prefix_cache, bool):
             msg = f"{owner}.prefix_cache must be a bool, got {self.prefix_cache!r}"
             raise InvalidRequestError(msg, field="prefix_cache", value=self.prefix_cache)
+        if self.value_dtype not in VALUE_DTYPES:
+            msg = f"{owner}.value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
+            raise InvalidRequestError(msg, field="value_dtype", value=self.value_dtype)
 
 
 def default_layers(model: nn.Module, role: str) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ Step 2 is :func:`spread_update`, parameterised by the per-layer solve: AlphaEdit
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,14 +29,10 @@ from memedit.errors import InvalidRequestError
 from .api import EditContext, register_method
 from .compute import (
     block_name,
-    capture,
-    encode,
     least_squares_update,
-    lookup_index,
+    lookup_outputs,
     mlp_out_name,
     model_device,
-    pad_id,
-    pad_right,
     subject_keys,
 )
 from .hparams import NEIGHBOUR_TEMPLATES, ValueHparams, check_float, check_int
@@ -44,10 +40,7 @@ from .values import context_prefixes, optimise_values
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
-    from transformers import PreTrainedTokenizerBase
 
-    from memedit.types import EditRequest
 
 __all__ = ["LayerSolve", "MemitHparams", "SpreadHparams", "edit_memit", "spread_update"]
 
@@ -102,24 +95,6 @@ class MemitHparams(SpreadHparams):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float(type(self).__name__, "mom2_update_weight", self.mom2_update_weight)
-
-
-def lookup_outputs(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    module_name: str,
-    requests: Sequence[EditRequest],
-) -> torch.Tensor:
-    """Output of ``module_name`` at each request's lookup token of the bare prompt, (n, width)
-    float32 (the point :func:`optimise_value` starts from)."""
-    import torch
-
-    seqs = [encode(tokenizer, r.prompt) for r in requests]
-    where = [lookup_index(tokenizer, "", r) for r in requests]
-    ids, mask = pad_right(seqs, pad_id(tokenizer), model_device(model))
-    _, out = capture(model, module_name, ids, mask)
-    rows = torch.arange(len(seqs), device=ids.device)
-    return out[rows, torch.tensor(where, device=ids.device)].float()
 
 
 def spread_update(ctx: EditContext, solve: LayerSolve) -> dict[int, torch.Tensor]:

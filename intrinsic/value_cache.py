@@ -59,7 +59,11 @@ _ACTIVE: ContextVar[ValueCache | None] = ContextVar("memedit_value_cache", defau
 
 #: Value settings added after the key format was fixed, with their defaults: at its default
 #: such a setting is left out of the key, so values stored before it existed still match.
-LATER_FIELDS: dict[str, object] = {"after_factor": 0.0, "stop_at_argmax": False}
+LATER_FIELDS: dict[str, object] = {
+    "after_factor": 0.0,
+    "stop_at_argmax": False,
+    "value_dtype": "model",
+}
 
 
 class ValueCache:

@@ -24,6 +24,7 @@ from .compute import (
     forward_logits,
     frozen,
     lookup_index,
+    lookup_outputs,
     model_device,
     pad_id,
     subject_token_index,
@@ -330,16 +331,48 @@ def optimise_values(
             if hit is not None:
                 found[i] = hit
     todo = [i for i in range(len(requests)) if i not in found]
+    runner = _runner(model, hp.value_dtype) if todo else model
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         done = _optimise_chunk(
-            model, tokenizer, [requests[i] for i in part], module_name, prefixes, hp, part[0]
+            runner, tokenizer, [requests[i] for i in part], module_name, prefixes, hp, part[0]
         )
+        if runner is not model:
+            done = _rebase(model, tokenizer, [requests[i] for i in part], module_name, done)
         for i, value in zip(part, done, strict=True):
             found[i] = value
             if cache is not None:
                 cache.put(keys[i], value)
     return [found[i] for i in range(len(requests))]
+
+
+def _runner(model: nn.Module, value_dtype: str) -> nn.Module:
+    """The model the passes run on: ``model`` itself, or a copy of it in ``value_dtype``."""
+    import torch
+
+    if value_dtype == "model":
+        return model
+    dtype = getattr(torch, value_dtype)
+    if next(model.parameters()).dtype == dtype:
+        return model
+    copy_ = copy.deepcopy(model)
+    return copy_.to(dtype)
+
+
+def _rebase(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    module_name: str,
+    values: Sequence[ValueResult],
+) -> list[ValueResult]:
+    """``values`` optimised on a cast copy, moved onto ``model``'s own starting outputs: the
+    change the copy found, added to the output the model itself gives."""
+    exact = lookup_outputs(model, tokenizer, module_name, requests)
+    return [
+        ValueResult(e, e + (v.target - v.init).to(e.dtype), v.loss, v.nll, v.steps)
+        for e, v in zip(exact, values, strict=True)
+    ]
 
 
 @dataclass(frozen=True)

@@ -402,3 +402,41 @@ def test_stop_at_argmax_ends_the_value_where_the_edit_first_holds() -> None:
     )
     assert holds(stopped.target)
     assert not holds(earlier.target)
+
+
+def test_values_from_a_bfloat16_copy_start_from_the_models_own_output() -> None:
+    """``value_dtype="bfloat16"`` optimises on a bf16 copy: the model is left as it was, the
+    value's ``init`` is the fp32 model's own output at the lookup token (so a solve sees no
+    cast error), and the change found is close to the one the fp32 passes find."""
+    from memedit.intrinsic import RomeHparams
+    from memedit.intrinsic.compute import lookup_outputs, mlp_out_name
+    from memedit.intrinsic.values import optimise_value
+
+    model, tok = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    req = EditRequest(
+        prompt="The sky is blue. Where did Leo Arons", target_new="Paris", subject="Leo Arons"
+    )
+    prefixes = ("", "Q: A: ")
+    module = mlp_out_name(model, 0)
+    hp = RomeHparams(v_steps=6, v_lr=0.003, v_weight_decay=0.0, clamp_norm_factor=100.0)
+    full = optimise_value(model, tok, req, module, prefixes, hp)
+    half = optimise_value(
+        model, tok, req, module, prefixes, dataclasses.replace(hp, value_dtype="bfloat16")
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    exact = lookup_outputs(model, tok, module, [req])[0]
+    assert torch.equal(half.init, exact)
+    torch.testing.assert_close(full.init, exact, rtol=1e-4, atol=1e-6)
+    change_full, change_half = full.target - full.init, half.target - half.init
+    assert float(change_full.norm()) > 0
+    cos = torch.nn.functional.cosine_similarity(change_full, change_half, dim=0)
+    assert float(cos) > 0.9, float(cos)
+    assert half.steps == full.steps == hp.v_steps
+    same = optimise_value(
+        model, tok, req, module, prefixes, dataclasses.replace(hp, value_dtype="float32")
+    )
+    torch.testing.assert_close(same.target, full.target)
+    with pytest.raises(InvalidRequestError, match="value_dtype"):
+        RomeHparams(value_dtype="int8")
