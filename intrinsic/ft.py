@@ -212,7 +212,7 @@ def _target_loss(
         after=held is not None and held.after_factor > 0,
     )
     logits = forward_logits(model, batch.ids, batch.mask, batch.keep)
-    solved = bool((logits[batch.tgt_index].argmax(dim=-1) == batch.tgt_token).all())
+    solved = bool(batch.hits(logits).all())
     logp = logits.float().log_softmax(dim=-1)
     loss = batch.nll(logp)
     if held is not None:

@@ -355,8 +355,7 @@ def _runner(model: nn.Module, value_dtype: str) -> nn.Module:
     dtype = getattr(torch, value_dtype)
     if next(model.parameters()).dtype == dtype:
         return model
-    copy_ = copy.deepcopy(model)
-    return copy_.to(dtype)
+    return copy.deepcopy(model).to(dtype)
 
 
 def _rebase(
