@@ -63,6 +63,7 @@ LATER_FIELDS: dict[str, object] = {
     "after_factor": 0.0,
     "stop_at_argmax": False,
     "value_dtype": "model",
+    "general_weight": 0.0,  # AlphaEdit's: a solve setting, not the value's
 }
 
 

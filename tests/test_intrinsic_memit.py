@@ -207,6 +207,34 @@ def test_alphaedit_update_is_the_papers_and_stays_in_the_null_space() -> None:
     )
 
 
+def test_alphaedit_general_weight_is_memits_term_inside_the_null_space() -> None:
+    """``general`` (λC) adds MEMIT's key-statistics term to the solve in ``B``'s coordinates:
+    with the whole space as basis it is MEMIT's least squares with ``λC + α I``; inside a real
+    null space the update stays there and the statistics' keys move less than without it."""
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out = 24, 10
+    mix = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    scale = torch.logspace(0, -4, d_in, dtype=torch.float64)  # no exact null space
+    cov = mix @ torch.diag(scale) @ mix.T / d_in
+    keys = torch.randn(4, d_in, generator=g, dtype=torch.float64)
+    resid = torch.randn(4, d_out, generator=g, dtype=torch.float64)
+    full = torch.eye(d_in, dtype=torch.float64)
+    torch.testing.assert_close(
+        alphaedit_update(keys, resid, full, None, 0.5, general=100.0 * cov),
+        least_squares_update(keys, resid, 100.0 * cov + 0.5 * full),
+    )
+    basis = null_space_basis(cov, 1e-2)
+    assert 0 < basis.shape[1] < d_in
+    plain = alphaedit_update(keys, resid, basis, None, 0.5)
+    held = alphaedit_update(keys, resid, basis, None, 0.5, general=1e4 * cov)
+    p = basis @ basis.T
+    assert float((held - held @ p).abs().max()) < 1e-12 * float(held.abs().max())
+    moved = [float(torch.trace(u @ cov @ u.T)) for u in (plain, held)]  # E‖Δk‖² over C's keys
+    assert moved[1] < 0.5 * moved[0], moved
+    with pytest.raises(InvalidRequestError, match="general_weight"):
+        AlphaEditHparams(general_weight=float("nan"))
+
+
 def test_alphaedit_written_update_stays_in_the_null_space(stats: KeyStatistics) -> None:
     """What the projection guarantees on the model: each layer's weight change ``Δ`` satisfies
     ``Δ (I − P) = 0`` (up to the float32 rounding of the weights), so the statistics' keys move
