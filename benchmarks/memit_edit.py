@@ -101,7 +101,7 @@ def run(
     first = [r[0] for r in resid]
     last = [r[-1] for r in resid]
     opts = ",".join(
-        f"{k}={len(v)} templates" if k == "neighbour_templates" else f"{k}={v}"
+        f"{k}={len(hp.neighbour_templates)} templates" if k == "neighbour_templates" else f"{k}={v}"
         for k, v in options.items()
     )
     opts = opts or "defaults"
