@@ -144,12 +144,13 @@ def main() -> None:
 def _facts_source() -> Any:
     """WikiBio's passages, then statements ``probe + " " + answer + "."`` from the train
     files' locality probes, ten to a text."""
+    from memedit.datasets import resolve_dataset_file
     from memedit.intrinsic.stats import ChainedText, TextList, WikiBioPassages
 
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "knowedit" / "train"
     facts = []
-    for name in ("WikiData_recent/recent_train.json", "WikiData_counterfact/train_cf.json"):
-        for record in json.loads((root / name).read_text()):
+    for name in ("WikiData_recent", "WikiData_counterfact"):
+        path = resolve_dataset_file(name, "train")
+        for record in json.loads(path.read_text()):
             for probes in record.get("locality", {}).values():
                 for probe in probes:
                     answers = probe.get("ground_truth") or []
