@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memit_edit import _options, score
+from memit_edit import _options, locality_tokens, score
 
 SOLVE_ONLY = (
     "nullspace_threshold",
@@ -71,7 +71,6 @@ def main() -> None:
     from memedit.intrinsic import AlphaEditState, KeyStatistics, apply_edit
     from memedit.intrinsic.api import resolve_hparams
     from memedit.intrinsic.value_cache import ValueCache, value_cache
-    from memedit.metrics import predicted_tokens
     from memedit.models import load_model
 
     run, spec = Path(args.run), args.spec
@@ -98,10 +97,7 @@ def main() -> None:
         raise SystemExit(f"--batch-size must divide 100, got {args.batch_size}")
     last = max(checkpoints)
     requests = load_requests("ZsRE", split="dev", limit=last + args.unedited)
-    pre = []
-    for r in requests:
-        probes = [(p.prompt, p.answers[0]) for p in r.locality if p.answers]
-        pre.append(predicted_tokens(model, tok, [p for p, _ in probes], [a for _, a in probes]))
+    pre = [locality_tokens(model, tok, r) for r in requests]
     stats = KeyStatistics(_facts_source() if args.facts else None, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         values = Path(tmp) / "values"

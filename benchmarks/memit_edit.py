@@ -45,10 +45,18 @@ def _options(text: str) -> dict[str, Any]:
     return out
 
 
+def locality_tokens(model: Any, tok: Any, request: Any) -> list[list[int]]:
+    """The teacher-forced predicted tokens of ``request``'s locality probes (first answers)."""
+    from memedit.metrics import predicted_tokens
+
+    probes = [(p.prompt, p.answers[0]) for p in request.locality if p.answers]
+    return predicted_tokens(model, tok, [p for p, _ in probes], [a for _, a in probes])
+
+
 def score(model: Any, tok: Any, requests: list[Any], pre: list[list[list[int]]]) -> list[float]:
     """Edit Succ., rephrase and Locality means (×100) of ``requests`` on ``model`` now;
     ``pre[i]``: the unedited predicted tokens of request i's locality probes."""
-    from memedit.metrics import locality_agreement, predicted_tokens, teacher_forced_accuracy
+    from memedit.metrics import locality_agreement, teacher_forced_accuracy
 
     prompts = [r.prompt for r in requests]
     succ = teacher_forced_accuracy(model, tok, prompts, [r.target_new for r in requests])
@@ -58,9 +66,8 @@ def score(model: Any, tok: Any, requests: list[Any], pre: list[list[list[int]]])
     )
     loc = []
     for r, before in zip(requests, pre, strict=True):
-        probes = [(p.prompt, p.answers[0]) for p in r.locality if p.answers]
-        if probes:
-            post = predicted_tokens(model, tok, [p for p, _ in probes], [a for _, a in probes])
+        if any(p.answers for p in r.locality):
+            post = locality_tokens(model, tok, r)
             loc.append(
                 statistics.fmean(
                     locality_agreement(a, b) for a, b in zip(before, post, strict=True)
@@ -150,7 +157,6 @@ def main() -> None:
     from memedit.datasets import load_requests
     from memedit.intrinsic import KeyStatistics
     from memedit.intrinsic.api import resolve_hparams
-    from memedit.metrics import predicted_tokens
     from memedit.models import load_model
 
     model, tok = load_model(args.model)
@@ -158,12 +164,7 @@ def main() -> None:
     requests = requests[args.offset :]
     args.batch_size = args.batch_size or len(requests)
     args.stats = KeyStatistics(progress=False)
-    args.pre = []
-    for r in requests:
-        probes = [(p.prompt, p.answers[0]) for p in r.locality if p.answers]
-        args.pre.append(
-            predicted_tokens(model, tok, [p for p, _ in probes], [a for _, a in probes])
-        )
+    args.pre = [locality_tokens(model, tok, r) for r in requests]
     methods = args.methods.split(",")
     import memedit.intrinsic.memit as memit_module
     import memedit.intrinsic.values as values
