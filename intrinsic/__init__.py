@@ -16,7 +16,14 @@ from . import ft as _ft  # noqa: F401  (registers ft-l, ft-m)
 from . import memit as _memit  # noqa: F401  (registers memit)
 from . import rome as _rome  # noqa: F401  (registers rome)
 from .alphaedit import AlphaEditHparams, AlphaEditState
-from .api import EditContext, apply_edit, get_method, method_names, register_method
+from .api import (
+    EditContext,
+    apply_edit,
+    get_method,
+    method_names,
+    register_method,
+    resolved_settings,
+)
 from .delta import WeightDelta
 from .digest import model_digest
 from .errors import BaseModelMismatchError, DeltaStateError, NonFiniteUpdateError
@@ -64,5 +71,6 @@ __all__ = [
     "method_names",
     "model_digest",
     "register_method",
+    "resolved_settings",
     "value_cache",
 ]

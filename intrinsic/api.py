@@ -39,6 +39,7 @@ __all__ = [
     "method_names",
     "register_method",
     "resolve_hparams",
+    "resolved_settings",
 ]
 
 
@@ -102,6 +103,18 @@ def resolve_hparams(method: str, hparams: Any, model: nn.Module) -> Any:
     """The method's hyperparameters from ``None``/an instance/a mapping of field values, with
     ``layers`` filled in for ``model``."""
     return for_model(from_options(get_method(method).hparams, hparams), model)
+
+
+def resolved_settings(method: str, hparams: Any, model: nn.Module) -> dict[str, Any]:
+    """Every field of :func:`resolve_hparams`'s result as plain JSON values (tuples as lists):
+    what an edit with ``hparams`` will use on ``model``, defaults and layers included. An
+    evaluation run records it, so records made under one default are never mixed with those
+    of a changed one."""
+    import json
+
+    resolved = resolve_hparams(method, hparams, model)
+    settings: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(resolved), default=str))
+    return settings
 
 
 def apply_edit(

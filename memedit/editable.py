@@ -31,7 +31,15 @@ from memedit.generation import (
     check_messages,
     greedy_generate,
 )
-from memedit.types import STRATEGIES, Answer, EditRecord, EditRequest, Hit, ScopeDecision
+from memedit.types import (
+    DEFAULT_WEIGHTS_METHOD,
+    STRATEGIES,
+    Answer,
+    EditRecord,
+    EditRequest,
+    Hit,
+    ScopeDecision,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -245,7 +253,7 @@ class EditableModel:
             raise UnsupportedStrategyError(msg)
         reqs = _as_requests(requests)
         if strategy == "weights":
-            return self._edit_weights(reqs, method or "rome", hparams, options)
+            return self._edit_weights(reqs, method or DEFAULT_WEIGHTS_METHOD, hparams, options)
         if strategy == "adapter":
             assert self._adapter_edits is not None
             return self._adapter_edits.edit(self.memory, reqs, method, hparams, options)

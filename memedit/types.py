@@ -20,6 +20,8 @@ from memedit.errors import InvalidRequestError
 MAX_TEXT_CHARS = 4096
 
 STRATEGIES = ("memory", "adapter", "weights")
+#: The in-weight method `EditableModel.edit(..., strategy="weights")` uses when none is named.
+DEFAULT_WEIGHTS_METHOD = "rome"
 
 
 def _check_text(field_name: str, value: object, *, allow_empty: bool = False) -> str:

@@ -248,6 +248,44 @@ def test_a_batch_of_in_weight_edits_reverts_as_one(em: EditableModel) -> None:
     assert weights_digest(em.model) == before and em.edits() == []
 
 
+def test_a_resumed_run_refuses_records_made_under_other_defaults(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    """The manifest keeps every setting an in-weight strategy resolved to; when a default
+    moves (here: the layer, rewritten on disk as a code change would move it), resuming the
+    run is refused instead of mixing records of two settings under one name."""
+    assert em.model is not None
+    spec = "weights:ft-l@lr=0.01;steps=1"
+    cfg = config(tmp_path, strategies=(spec,), limit=1)
+    evaluate(em, cfg, progress=False)
+    path = Path(cfg.out) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    settings = manifest["settings"][spec]
+    assert settings["lr"] == 0.01 and settings["steps"] == 1
+    assert isinstance(settings["layers"], list) and len(settings["layers"]) == 1
+    assert "settings" not in json.dumps(manifest["strategies"])  # not part of the run id
+    evaluate(em, config(tmp_path, strategies=(spec,), limit=2), progress=False)  # unchanged
+    assert len(load_records(Path(cfg.out))) == 2
+
+    other = (settings["layers"][0] + 1) % em.model.config.num_hidden_layers
+    manifest["settings"][spec] = {**settings, "layers": [other], "retired_field": 1}
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(InvalidRequestError, match=r"layers \[\d+\] -> \[\d+\]") as err:
+        evaluate(em, config(tmp_path, strategies=(spec,), limit=3), progress=False)
+    assert "retired_field" not in str(err.value)  # a field one side lacks is not compared
+    assert len(load_records(Path(cfg.out))) == 2  # nothing was added
+
+    # a run from before manifests kept settings resumes, and learns nothing about that spec
+    # (what it ran with is unknown); a strategy added to it now has its settings kept
+    del manifest["settings"]
+    path.write_text(json.dumps(manifest))
+    spec2 = "weights:ft-m@lr=0.01;steps=1"
+    evaluate(em, config(tmp_path, strategies=(spec, spec2), limit=3), progress=False)
+    kept = json.loads(path.read_text())["settings"]
+    assert list(kept) == [spec2] and kept[spec2]["neighbour_factor"] == 1.0
+    assert len(load_records(Path(cfg.out))) == 6
+
+
 def test_a_revert_that_leaves_weights_changed_is_caught(em: EditableModel, tmp_path: Path) -> None:
     class Sloppy:
         name = "sloppy"

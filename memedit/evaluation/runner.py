@@ -222,6 +222,12 @@ def _append(path: Path, item: dict[str, Any]) -> None:
 
 def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, Any]:
     unrelated = config.options.unrelated
+    settings = {}
+    for spec in config.strategies:
+        resolve = getattr(parse_strategy(spec), "settings", None)
+        found = resolve(em) if resolve is not None else None
+        if found is not None:
+            settings[spec] = found
     datasets = {}
     for ds in config.datasets:
         path = resolve_dataset_file(ds, config.split, config.root)
@@ -236,6 +242,8 @@ def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, A
         "counterfactual": getattr(em.counterfactual, "name", None),
         "datasets": datasets,
         "strategies": {s: parse_strategy(s).config() for s in config.strategies},
+        # every setting each edit will use, defaults filled in (absent: none resolvable here)
+        **({"settings": settings} if settings else {}),
         "mode": config.mode,
         "sequential": config.sequential,
         **({"edit_batch": config.edit_batch} if config.edit_batch > 1 else {}),
@@ -297,6 +305,7 @@ def _reconcile(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
         if had is not None and had["sha256"] != info["sha256"]:
             msg = f"{out}: dataset {ds} changed since the run began ({info['file']})"
             raise InvalidRequestError(msg, field="datasets", value=ds)
+    _reconcile_settings(out, old, fresh)
     old["datasets"].update(fresh["datasets"])
     old["strategies"].update(fresh["strategies"])
     if old.get("limit") is not None:  # a resumed run may ask for more records (None: all)
@@ -305,6 +314,32 @@ def _reconcile(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     old["versions"] = fresh["versions"]
     path.write_text(json.dumps(old, indent=2), encoding="utf-8")
     return dict(old)
+
+
+def _reconcile_settings(out: Path, old: dict[str, Any], fresh: dict[str, Any]) -> None:
+    """Refuse to resume a strategy whose resolved settings changed since its records were made
+    (a default moved: its old records would be mixed with new ones under one name). Only
+    settings both sides name are compared, so a new field with a default leaves a run
+    resumable. A strategy the run already had before manifests kept settings gets none: what
+    it was run with is not known."""
+    kept = dict(old.get("settings", {}))
+    for spec, now in fresh.get("settings", {}).items():
+        had = kept.get(spec)
+        if had is None:
+            if spec not in old["strategies"]:
+                kept[spec] = now
+            continue
+        changed = sorted(k for k in had.keys() & now.keys() if had[k] != now[k])
+        if changed:
+            diff = ", ".join(f"{k} {had[k]!r} -> {now[k]!r}" for k in changed)
+            msg = (
+                f"{out} holds records of {spec} made with other settings than it has now "
+                f"({diff}): a default changed since the run began; choose a new --out"
+            )
+            raise InvalidRequestError(msg, field="strategies", value=spec)
+        kept[spec] = {**had, **now}
+    if kept:
+        old["settings"] = kept
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:

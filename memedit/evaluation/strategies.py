@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memedit.errors import InvalidRequestError
-from memedit.types import EditRequest
+from memedit.types import DEFAULT_WEIGHTS_METHOD, EditRequest
 
 if TYPE_CHECKING:
     from memedit.editable import EditableModel
@@ -94,6 +94,18 @@ class WrapperStrategy:
 
     def config(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "method": self.method, "options": dict(self.options)}
+
+    def settings(self, em: EditableModel) -> dict[str, Any] | None:
+        """Every hyperparameter an in-weight edit will use on ``em``'s model, defaults and
+        layers filled in (a run's manifest keeps it, so a resumed run refuses to mix in records
+        made under changed defaults); None for the other strategies, which resolve their
+        defaults inside the edit."""
+        if self.strategy != "weights" or em.model is None:
+            return None
+        from memedit.intrinsic import resolved_settings
+
+        method = self.method or DEFAULT_WEIGHTS_METHOD
+        return resolved_settings(method, dict(self.options) or None, em.model)
 
     def apply(self, em: EditableModel, requests: Sequence[EditRequest]) -> Applied:
         kwargs: dict[str, Any] = dict(self.options)
