@@ -74,7 +74,7 @@ class FtLHparams:
     else 2/3 of the depth as EasyEdit's Llama setting); ``norm_constraint``: max absolute
     change of any weight (``None``: unconstrained)."""
 
-    layer_role: ClassVar[str] = "ft"
+    layer_role: ClassVar[str] = "ft-l"
     objective: ClassVar[str] = "prompt_last"
 
     layers: tuple[int, ...] | None = None
@@ -108,6 +108,7 @@ class FtMHparams(FtLHparams):
     against 0 / 0): Locality +4.3 on ZsRE and on WikiData_counterfact, ZsRE Fluency +25,
     Edit Succ. and Generalization unchanged, Portability -2.5 / -1.4."""
 
+    layer_role: ClassVar[str] = "ft-m"
     objective: ClassVar[str] = "target"
 
     stop_at_argmax: bool = False

@@ -34,19 +34,21 @@ __all__ = [
 H = TypeVar("H")
 
 #: Measured defaults: (model_type, n_layers, hidden_size) -> layer role -> layers.
-#: SmolLM2-135M (llama, 30 x 576), ROME: layer 5 (``benchmarks/rome_edit.py --layers 3,5,8,11``
-#: on the first ZsRE dev records: 3 and 5 edit best, 5 keeps the most locality; 11
-#: generalises to rephrasings best but loses the most locality).
 DEFAULT_LAYERS: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {
     # SmolLM2-135M. MEMIT/AlphaEdit: layers 3-7 (benchmarks/memit_edit.py --limit 20, one
-    # batch, λ 5000: 2-5 edits less (Edit Succ. 91 vs 97), 4-8 keeps less locality (48 vs 51))
+    # batch, λ 5000: 2-5 edits less (Edit Succ. 91 vs 97), 4-8 keeps less locality (48 vs 51)).
     # Causal tracing (`memedit locate`, docs/locate, 200 known facts) puts the MLP effect at the
-    # last subject token at window centres 4-5 (a tie) and recommends ROME 4, MEMIT 1-5. Editing
-    # does not follow it: ROME on the first 40 ZsRE dev records keeps Locality 66.5 at layer 4,
-    # 70.8 at 5 and 75-77 at 11-20, Edit Succ. 95-100 at every layer (docs/eval/NOTES.md). ROME
-    # stays at 5 (inside the traced peak; every committed ROME run used it) until a deeper layer
-    # is confirmed on >= 200 records; MEMIT 1-5 would move toward 2-5, which edited less well.
-    ("llama", 30, 576): {"rome": (5,), "memit": (3, 4, 5, 6, 7)},
+    # last subject token at window centres 4-5 and recommends ROME 4, MEMIT 1-5. Editing does
+    # not follow it: ROME writes the fact at every layer and keeps more locality the deeper it
+    # edits (first 40 ZsRE dev records: 66.5 at layer 4, 70.8 at 5, 75-77 at 11-20). ROME:
+    # layer 11; against layer 5, the earlier default, on all 200 ZsRE / WikiData_counterfact
+    # dev records Edit Succ. +2.8 / +3.5 and Locality +5.5 / +3.5, Generalization and
+    # Portability unchanged on ZsRE and 3.5-3.9 lower on WikiData_counterfact
+    # (docs/eval/NOTES.md, runs weights-rome-l11-*). FT-L: layer 21, EasyEdit's, where ours
+    # gives EasyEdit's FT-L figures to the hundredth; 20 (the 2/3-depth fallback FT-M keeps,
+    # which edits CF well enough for its 90 Edit Succ.) trades 3-7 Locality for 4.6 ZsRE Edit
+    # Succ.
+    ("llama", 30, 576): {"rome": (11,), "memit": (3, 4, 5, 6, 7), "ft-l": (21,)},
 }
 #: Fine-tuning's fallback depth (EasyEdit's FT-L/FT-M tune layer 21 of Llama-2-7B's 32).
 FT_DEPTH = 0.66

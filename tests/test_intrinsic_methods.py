@@ -390,3 +390,22 @@ def test_ft_m_after_term_holds_what_follows_the_target() -> None:
     with pytest.raises(InvalidRequestError, match="after_factor") as bad:
         FtMHparams(after_factor=-1.0)
     assert bad.value.field == "after_factor"
+
+
+def test_ft_l_and_ft_m_take_their_own_measured_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FT-L and FT-M have separate measured defaults (on SmolLM2-135M: 21 and the 2/3-depth
+    fallback, 20); a model without an entry falls back to 2/3 of its depth for both."""
+    from memedit.intrinsic import DEFAULT_LAYERS
+    from memedit.intrinsic.api import resolve_hparams
+
+    assert DEFAULT_LAYERS[("llama", 30, 576)]["ft-l"] == (21,)
+    assert "ft-m" not in DEFAULT_LAYERS[("llama", 30, 576)]
+    model, _ = tiny_llama()
+    cfg = model.config
+    fallback = resolve_hparams("ft-m", None, model).layers
+    assert resolve_hparams("ft-l", None, model).layers == fallback
+    key = (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
+    other = (1 - fallback[0],)
+    monkeypatch.setitem(DEFAULT_LAYERS, key, {"ft-l": other})
+    assert resolve_hparams("ft-l", None, model).layers == other
+    assert resolve_hparams("ft-m", None, model).layers == fallback
