@@ -264,6 +264,8 @@ def test_a_resumed_run_refuses_records_made_under_other_defaults(
     assert settings["lr"] == 0.01 and settings["steps"] == 1
     assert isinstance(settings["layers"], list) and len(settings["layers"]) == 1
     assert "settings" not in json.dumps(manifest["strategies"])  # not part of the run id
+    write_reports(cfg.out)
+    assert f"- layers: {spec} {settings['layers']}" in (Path(cfg.out) / "summary.md").read_text()
     evaluate(em, config(tmp_path, strategies=(spec,), limit=2), progress=False)  # unchanged
     assert len(load_records(Path(cfg.out))) == 2
 

@@ -144,6 +144,9 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
             f"{first}–{last} of {Path(unrelated['file']).name} "
             f"(sha256 {unrelated['sha256'][:12]}…)"
         ]
+    layers = {s: v["layers"] for s, v in manifest.get("settings", {}).items() if "layers" in v}
+    if layers:  # runs since manifests keep resolved settings (all of them: summary.json)
+        extra.append("- layers: " + "; ".join(f"{s} {v}" for s, v in layers.items()))
     return [
         f"- model: {manifest['model']} (weights sha256 {manifest['model_digest'][:12]}…); "
         f"scope: {manifest.get('scope')}; counterfactual: {manifest.get('counterfactual')}",
