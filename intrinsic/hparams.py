@@ -40,15 +40,16 @@ DEFAULT_LAYERS: dict[tuple[str, int, int], dict[str, tuple[int, ...]]] = {
     # Causal tracing (`memedit locate`, docs/locate, 200 known facts) puts the MLP effect at the
     # last subject token at window centres 4-5 and recommends ROME 4, MEMIT 1-5. Editing does
     # not follow it: ROME writes the fact at every layer and keeps more locality the deeper it
-    # edits (first 40 ZsRE dev records: 66.5 at layer 4, 70.8 at 5, 75-77 at 11-20). ROME:
-    # layer 11; against layer 5, the earlier default, on all 200 ZsRE / WikiData_counterfact
-    # dev records Edit Succ. +2.8 / +3.5 and Locality +5.5 / +3.5, Generalization and
-    # Portability unchanged on ZsRE and 3.5-3.9 lower on WikiData_counterfact
-    # (docs/eval/NOTES.md, runs weights-rome-l11-*). FT-L: layer 21, EasyEdit's, where ours
+    # edits (first 40 ZsRE dev records: 66.5 at layer 4, 70.8 at 5, 75-77 at 11-20). ROME stays
+    # at 5: one edit at a time (each reverted), 11 does better on all 200 ZsRE /
+    # WikiData_counterfact dev records (Edit Succ. +2.8 / +3.5, Locality +5.5 / +3.5), but
+    # edits that stay and pile up, as they do in the wrapper, fade twice as fast there (ZsRE,
+    # one after another: Edit Succ. 55 / 31 at T = 50 / 100 against 81 / 58 at layer 5;
+    # docs/eval/NOTES.md, runs weights-rome-l11-*). FT-L: layer 21, EasyEdit's, where ours
     # gives EasyEdit's FT-L figures to the hundredth; 20 (the 2/3-depth fallback FT-M keeps,
     # which edits CF well enough for its 90 Edit Succ.) trades 3-7 Locality for 4.6 ZsRE Edit
     # Succ.
-    ("llama", 30, 576): {"rome": (11,), "memit": (3, 4, 5, 6, 7), "ft-l": (21,)},
+    ("llama", 30, 576): {"rome": (5,), "memit": (3, 4, 5, 6, 7), "ft-l": (21,)},
 }
 #: Fine-tuning's fallback depth (EasyEdit's FT-L/FT-M tune layer 21 of Llama-2-7B's 32).
 FT_DEPTH = 0.66
