@@ -429,3 +429,11 @@ def test_a_run_on_another_split_reads_that_file_and_says_so(
     assert "Sanitation (train file, sha256 " in write_reports(cfg.out)["md"].read_text()
     with pytest.raises(InvalidRequestError, match="unknown split 'validation'"):
         config(tmp_path, split="validation")
+
+
+def test_every_series_of_a_combined_figure_has_its_own_look() -> None:
+    from memedit.evaluation.report import _series_style
+
+    looks = [tuple(sorted(_series_style(k).items())) for k in range(40)]
+    assert len(set(looks)) == 40  # the eleventh run no longer repeats the first one's line
+    assert _series_style(3)["color"] == _series_style(13)["color"] == "C3"

@@ -259,6 +259,17 @@ def _plots(root: Path, summary: Mapping[str, Any], manifest: Mapping[str, Any]) 
 CURVE_LABELS = ("Edit Succ.", "Generalization", "Locality", "Locality (unrelated)")
 
 
+_MARKERS = ("o", "s", "^", "D")
+_DASHES = ("-", "--", ":", "-.")
+
+
+def _series_style(k: int) -> dict[str, str]:
+    """The k-th series' line: ten colours, then the same colours with another marker and
+    dash, so no two of up to forty series look alike (and each keeps its look in every panel)."""
+    turn = (k // 10) % len(_MARKERS)
+    return {"color": f"C{k % 10}", "marker": _MARKERS[turn], "linestyle": _DASHES[turn]}
+
+
 def plot_curves(
     path: Path,
     title: str,
@@ -285,15 +296,15 @@ def plot_curves(
     axes = list(axes) if panels else [axes]
     for i, label in enumerate(labels):
         ax = axes[i if panels else 0]
-        for s, by_t in series.items():
+        for k, (s, by_t) in enumerate(series.items()):
             ts = sorted(by_t, key=int)
             ys = [by_t[t]["rows"].get(label) for t in ts]
             if any(y is not None for y in ys):
                 ax.plot(
                     [int(t) for t in ts],
                     [y if y is not None else math.nan for y in ys],
-                    marker="o",
                     label=s if panels else f"{s}: {label}",
+                    **_series_style(k),
                 )
     for i, ax in enumerate(axes):
         ax.set_xscale("log")
