@@ -110,11 +110,7 @@ def resolved_settings(method: str, hparams: Any, model: nn.Module) -> dict[str, 
     what an edit with ``hparams`` will use on ``model``, defaults and layers included. An
     evaluation run records it, so records made under one default are never mixed with those
     of a changed one."""
-    import json
-
-    resolved = resolve_hparams(method, hparams, model)
-    settings: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(resolved), default=str))
-    return settings
+    return _jsonable(resolve_hparams(method, hparams, model))
 
 
 def apply_edit(
@@ -165,6 +161,7 @@ def apply_edit(
 
 
 def _jsonable(hp: Any) -> dict[str, Any]:
+    """A hyperparameter dataclass as the JSON a delta's metadata and a run's manifest keep."""
     out: dict[str, Any] = {}
     for key, value in dataclasses.asdict(hp).items():
         out[key] = list(value) if isinstance(value, tuple) else value

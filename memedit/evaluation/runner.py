@@ -222,9 +222,10 @@ def _append(path: Path, item: dict[str, Any]) -> None:
 
 def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, Any]:
     unrelated = config.options.unrelated
+    strategies = {spec: parse_strategy(spec) for spec in config.strategies}
     settings = {}
-    for spec in config.strategies:
-        resolve = getattr(parse_strategy(spec), "settings", None)
+    for spec, strategy in strategies.items():
+        resolve = getattr(strategy, "settings", None)
         found = resolve(em) if resolve is not None else None
         if found is not None:
             settings[spec] = found
@@ -241,7 +242,7 @@ def _manifest(config: EvalConfig, em: EditableModel, digest: str) -> dict[str, A
         "scope": getattr(em.scope, "name", ""),
         "counterfactual": getattr(em.counterfactual, "name", None),
         "datasets": datasets,
-        "strategies": {s: parse_strategy(s).config() for s in config.strategies},
+        "strategies": {spec: strategy.config() for spec, strategy in strategies.items()},
         # every setting each edit will use, defaults filled in (absent: none resolvable here)
         **({"settings": settings} if settings else {}),
         "mode": config.mode,
