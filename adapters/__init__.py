@@ -24,6 +24,7 @@ from .api import (
     AdapterError,
     NonFiniteAdapterError,
     adapter_names,
+    adapter_settings,
     get_adapter,
     register_adapter,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "WiseHparams",
     "WiseItem",
     "adapter_names",
+    "adapter_settings",
     "get_adapter",
     "register_adapter",
 ]

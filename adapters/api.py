@@ -37,6 +37,7 @@ __all__ = [
     "AdapterError",
     "NonFiniteAdapterError",
     "adapter_names",
+    "adapter_settings",
     "get_adapter",
     "register_adapter",
 ]
@@ -111,6 +112,25 @@ def get_adapter(name: str) -> AdapterFactory:
     except KeyError:
         msg = f"unknown adapter method {name!r}; known: {adapter_names()}"
         raise InvalidRequestError(msg, field="method", value=name) from None
+
+
+def adapter_settings(name: str, hparams: Any, model: nn.Module) -> dict[str, Any] | None:
+    """Every hyperparameter an edit of adapter ``name`` with ``hparams`` (None, the method's
+    dataclass or a mapping of its fields) will use on ``model``, as plain JSON values, with
+    where it goes resolved (``placement``: the default layer a fraction of the depth picks).
+    An evaluation run records it so a resumed run never mixes records made under a changed
+    default. None for a method that names no ``hparams_type`` (its settings are unknown)."""
+    from memedit.intrinsic.hparams import as_json, from_options
+
+    hp_type = getattr(get_adapter(name), "hparams_type", None)
+    if hp_type is None:
+        return None
+    hp = from_options(hp_type, hparams)
+    out = as_json(hp)
+    placement = getattr(hp, "placement", None)
+    if callable(placement):
+        out.update(placement(model))
+    return out
 
 
 def check_hparams(owner: str, layer: object, checks: dict[str, bool], values: object) -> None:

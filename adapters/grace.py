@@ -25,7 +25,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from memedit.errors import InvalidRequestError
 
@@ -79,9 +79,15 @@ class GraceHparams:
 
         return resolve_layer("GraceHparams", self.layer, self.layer_fraction, n_layers(model))
 
+    def placement(self, model: nn.Module) -> dict[str, Any]:
+        """Where an edit with these settings goes on ``model`` (the default layer resolved)."""
+        return {"layer": self.layer_for(model)}
+
 
 class GraceAdapter:
     """GRACE codebooks (one per hooked block) on one model; see the module docstring."""
+
+    hparams_type: ClassVar[type[GraceHparams]] = GraceHparams
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

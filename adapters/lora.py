@@ -96,6 +96,10 @@ class LoraHparams:
         }
         check_hparams(type(self).__name__, self.layer, checks, self)
 
+    def placement(self, model: nn.Module) -> dict[str, Any]:
+        """Where an edit with these settings goes on ``model``: the linear modules it trains."""
+        return {"targets": self.modules_for(model)}
+
     def modules_for(self, model: nn.Module) -> list[str]:
         """The full names of the linear modules an edit's LoRA trains (refused if one of
         ``modules`` names no linear module of a block)."""

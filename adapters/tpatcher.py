@@ -53,7 +53,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from memedit.errors import IntegrityError, InvalidRequestError
 from memedit.hooks import edit_output_given_input
@@ -153,6 +153,10 @@ class TPatcherHparams:
 
         return resolve_layer("TPatcherHparams", self.layer, self.layer_fraction, n_layers(model))
 
+    def placement(self, model: nn.Module) -> dict[str, Any]:
+        """Where an edit with these settings goes on ``model`` (the default layer resolved)."""
+        return {"layer": self.layer_for(model)}
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -216,6 +220,8 @@ class _Bank:
 
 class TPatcherAdapter:
     """T-Patcher's neurons on one model; see the module docstring."""
+
+    hparams_type: ClassVar[type[TPatcherHparams]] = TPatcherHparams
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

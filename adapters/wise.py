@@ -60,7 +60,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from memedit.errors import InvalidRequestError
 from memedit.hooks import edit_input, edit_output_given_input
@@ -236,10 +236,9 @@ class WiseHparams:
         }
         check_hparams("WiseHparams", self.layer, checks, self)
 
-    def router_module_for(self, model: nn.Module) -> str:
-        """The module whose input the key router reads: an MLP output projection at or below
-        the side memory's (the decision must be made before the side memory runs)."""
-        from memedit.intrinsic.compute import mlp_out_name
+    def placement(self, model: nn.Module) -> dict[str, Any]:
+        """Where an edit with these settings goes on ``model``: the side memory's layer and
+        the key router's, defaults resolved (the router at or below the side memory)."""
         from memedit.spec import n_layers
 
         count = n_layers(model)
@@ -248,7 +247,14 @@ class WiseHparams:
         if layer > side:
             msg = f"WiseHparams.router_layer ({layer}) must not be above the side memory's ({side})"
             raise InvalidRequestError(msg, field="router_layer", value=layer)
-        return mlp_out_name(model, layer)
+        return {"layer": side, "router_layer": layer}
+
+    def router_module_for(self, model: nn.Module) -> str:
+        """The module whose input the key router reads: an MLP output projection at or below
+        the side memory's (the decision must be made before the side memory runs)."""
+        from memedit.intrinsic.compute import mlp_out_name
+
+        return mlp_out_name(model, self.placement(model)["router_layer"])
 
     def module_for(self, model: nn.Module) -> str:
         from memedit.intrinsic.compute import mlp_out_name
@@ -262,6 +268,8 @@ class WiseHparams:
 
 class WiseAdapter:
     """One WISE side memory per hooked module on one model; see the module docstring."""
+
+    hparams_type: ClassVar[type[WiseHparams]] = WiseHparams
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

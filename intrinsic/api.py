@@ -23,7 +23,7 @@ from memedit.errors import InvalidRequestError
 from memedit.types import EditRequest
 
 from .delta import WeightDelta, request_summary
-from .hparams import for_model, from_options
+from .hparams import as_json, for_model, from_options
 
 if TYPE_CHECKING:
     from torch import nn
@@ -110,7 +110,7 @@ def resolved_settings(method: str, hparams: Any, model: nn.Module) -> dict[str, 
     what an edit with ``hparams`` will use on ``model``, defaults and layers included. An
     evaluation run records it, so records made under one default are never mixed with those
     of a changed one."""
-    return _jsonable(resolve_hparams(method, hparams, model))
+    return as_json(resolve_hparams(method, hparams, model))
 
 
 def apply_edit(
@@ -151,18 +151,10 @@ def apply_edit(
     with WeightDelta.record(
         model,
         entry.name,
-        hparams=_jsonable(hp),
+        hparams=as_json(hp),
         layers=hp.layers,
         requests=[request_summary(r) for r in reqs],
     ) as delta:
         ctx = EditContext(model, tokenizer, reqs, hp, delta, stats or default_statistics(), state)
         entry.edit(ctx)
     return delta
-
-
-def _jsonable(hp: Any) -> dict[str, Any]:
-    """A hyperparameter dataclass as the JSON a delta's metadata and a run's manifest keep."""
-    out: dict[str, Any] = {}
-    for key, value in dataclasses.asdict(hp).items():
-        out[key] = list(value) if isinstance(value, tuple) else value
-    return out

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_LAYERS",
     "ValueHparams",
+    "as_json",
     "check_float",
     "check_int",
     "default_layers",
@@ -260,3 +261,12 @@ def from_options(cls: type[H], options: Mapping[str, Any] | H | None) -> H:
         msg = f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}"
         raise InvalidRequestError(msg, field=unknown[0], value=values[unknown[0]])
     return cls(**values)
+
+
+def as_json(hp: Any) -> dict[str, Any]:
+    """A hyperparameter dataclass as plain JSON values (tuples as lists): what a delta's
+    metadata and an evaluation run's manifest keep."""
+    out: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(hp).items():
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out

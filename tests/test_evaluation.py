@@ -288,6 +288,33 @@ def test_a_resumed_run_refuses_records_made_under_other_defaults(
     assert len(load_records(Path(cfg.out))) == 6
 
 
+def test_an_adapter_run_keeps_its_settings_and_refuses_a_moved_default(
+    em: EditableModel, tmp_path: Path
+) -> None:
+    """An adapter strategy's manifest keeps its hyperparameters with the layer its default
+    fraction resolved to, so a resumed run whose default moved is refused as an in-weight
+    one is; the memory strategy records none (its settings are the wrapper's)."""
+    assert em.model is not None
+    spec = "adapter:grace@steps=2"
+    cfg = config(tmp_path, strategies=("memory", spec), limit=1)
+    evaluate(em, cfg, progress=False)
+    path = Path(cfg.out) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert list(manifest["settings"]) == [spec]
+    settings = manifest["settings"][spec]
+    layer = settings["layer"]
+    assert isinstance(layer, int) and 0 <= layer < em.model.config.num_hidden_layers
+    assert settings["steps"] == 2 and settings["layer_fraction"] == 0.5
+    write_reports(cfg.out)
+    assert f"- layers: {spec} {layer}" in (Path(cfg.out) / "summary.md").read_text()
+
+    manifest["settings"][spec] = {**settings, "layer": layer + 1}
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(InvalidRequestError, match=rf"layer {layer + 1} -> {layer}"):
+        evaluate(em, config(tmp_path, strategies=("memory", spec), limit=2), progress=False)
+    assert len(load_records(Path(cfg.out))) == 2  # one record of each strategy, nothing added
+
+
 def test_a_revert_that_leaves_weights_changed_is_caught(em: EditableModel, tmp_path: Path) -> None:
     class Sloppy:
         name = "sloppy"

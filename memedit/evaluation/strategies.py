@@ -96,16 +96,24 @@ class WrapperStrategy:
         return {"strategy": self.strategy, "method": self.method, "options": dict(self.options)}
 
     def settings(self, em: EditableModel) -> dict[str, Any] | None:
-        """Every hyperparameter an in-weight edit will use on ``em``'s model, defaults and
-        layers filled in (a run's manifest keeps it, so a resumed run refuses to mix in records
-        made under changed defaults); None for the other strategies, which resolve their
-        defaults inside the edit."""
-        if self.strategy != "weights" or em.model is None:
+        """Every hyperparameter an in-weight or adapter edit will use on ``em``'s model,
+        defaults and layers filled in (a run's manifest keeps it, so a resumed run refuses to
+        mix in records made under changed defaults); None for the memory strategy, whose
+        settings are the wrapper's, and for a model the wrapper does not hold."""
+        if em.model is None:
             return None
-        from memedit.intrinsic import resolved_settings
+        options = dict(self.options) or None
+        if self.strategy == "weights":
+            from memedit.intrinsic import resolved_settings
 
-        method = self.method or DEFAULT_WEIGHTS_METHOD
-        return resolved_settings(method, dict(self.options) or None, em.model)
+            method = self.method or DEFAULT_WEIGHTS_METHOD
+            return resolved_settings(method, options, em.model)
+        if self.strategy == "adapter":
+            from memedit.adapter_edits import DEFAULT_METHOD
+            from memedit.adapters import adapter_settings
+
+            return adapter_settings(self.method or DEFAULT_METHOD, options, em.model)
+        return None
 
     def apply(self, em: EditableModel, requests: Sequence[EditRequest]) -> Applied:
         kwargs: dict[str, Any] = dict(self.options)
