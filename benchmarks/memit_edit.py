@@ -148,6 +148,12 @@ def main() -> None:
         help="value passes in the right-padded layout (as before packing), for comparison",
     )
     ap.add_argument(
+        "--dense-passes",
+        action="store_true",
+        help="value passes with dense attention and every block run (as before row attention "
+        "and kept lower blocks), for comparison",
+    )
+    ap.add_argument(
         "--hp", action="append", default=[], help="FIELD=VALUE[,FIELD=VALUE] (one row each)"
     )
     args = ap.parse_args()
@@ -171,6 +177,10 @@ def main() -> None:
 
     if args.padded:
         values._takes_custom_mask = lambda _model: False  # type: ignore[assignment]
+    if args.dense_passes:
+        from _passes import use_dense_passes
+
+        use_dense_passes()
     if args.value_chunk:  # the default on a CPU is values.CPU_VALUE_CHUNK requests per pass
         real = values.optimise_values
 

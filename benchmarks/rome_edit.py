@@ -117,11 +117,21 @@ def main() -> None:
         action="store_true",
         help="value passes in the right-padded layout (as before packing), for comparison",
     )
+    ap.add_argument(
+        "--dense-passes",
+        action="store_true",
+        help="value passes with dense attention and every block run (as before row attention "
+        "and kept lower blocks), for comparison",
+    )
     args = ap.parse_args()
     if args.padded:
         import memedit.intrinsic.values as values
 
         values._takes_custom_mask = lambda _model: False  # type: ignore[assignment]
+    if args.dense_passes:
+        from _passes import use_dense_passes
+
+        use_dense_passes()
 
     import torch
 

@@ -13,6 +13,7 @@ import copy
 import logging
 import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ from .compute import (
     subject_token_index,
     target_batch,
 )
+from .layer_cache import BelowCache
+from .row_attention import row_attention, row_plan, supports_row_attention
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 
     from .compute import TargetBatch
     from .hparams import ValueHparams
+    from .row_attention import RowPlan
 
 __all__ = ["STARTERS", "ValueResult", "context_prefixes", "optimise_value", "optimise_values"]
 
@@ -102,6 +106,7 @@ class _Rows:
     cols: torch.Tensor
     positions: torch.Tensor | None = None
     past: Any = None
+    plan: RowPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,9 @@ def _packed_rows(
         cols=starts,
         positions=torch.tensor([[p for c, e in spans for p in range(c, e)]], device=device),
         past=head.past,
+        plan=row_plan(lengths, row_ids, head.rows if head.past is not None else None, device)
+        if supports_row_attention(model)
+        else None,
     )
     return rows, head
 
@@ -532,17 +540,22 @@ def _optimise_chunk(
         return out.index_put((rows.index, rows.cols), add, accumulate=True)
 
     opt: torch.optim.Optimizer | None = None
+    below = BelowCache(model, module_name)  # the blocks under the edit run once per layout
     with frozen(model), edit_output(model, module_name, add_delta):
         for step in range(hp.v_steps):
             past = copy.deepcopy(cur.rows.past)  # each pass extends the cache it is given
-            logits = forward_logits(
-                model,
-                cur.rows.ids,
-                cur.rows.mask,
-                cur.rows.keep,
-                past_key_values=past,
-                position_ids=cur.rows.positions,
-            )
+            with (
+                below.run(cur),
+                row_attention(model, cur.rows.plan) if cur.rows.plan else nullcontext(),
+            ):
+                logits = forward_logits(
+                    model,
+                    cur.rows.ids,
+                    cur.rows.mask,
+                    cur.rows.keep,
+                    past_key_values=past,
+                    position_ids=cur.rows.positions,
+                )
             logp = logits.float().log_softmax(dim=-1)
             nll = cur.batch.nll(logp).reshape(len(cur.active), n_prefixes).mean(dim=1)
             delta = torch.stack([deltas[i] for i in cur.active])
