@@ -12,8 +12,9 @@ result is the dense mask's to rounding and the cost grows with the rows, not wit
 square.
 
 :func:`row_attention` switches a model's attention to this for the passes of one layout
-(:func:`row_plan`) and back on exit; any other call (another shape, no plan) runs PyTorch's
-``scaled_dot_product_attention`` with the mask given (transformers' ``sdpa``).
+(:func:`row_plan`) and back on exit. Any other call meanwhile (another shape, another thread,
+an argument it does not handle) runs the implementation it replaced, with the mask that one
+would have built.
 Models whose attention transformers dispatches through its ``AttentionInterface`` (Llama,
 Mistral, Qwen2, Gemma and most current decoders) can use it; :func:`supports_row_attention`
 says whether a model does.
@@ -143,11 +144,13 @@ def row_attention(model: nn.Module, plan: RowPlan) -> Iterator[None]:
     config: Any = model.config
     before = config._attn_implementation
     token = _PLAN.set((plan, before))
+    config._memedit_replaced_attention = before  # for calls from other threads (no plan)
     config._attn_implementation = NAME
     try:
         yield
     finally:
         config._attn_implementation = before
+        del config._memedit_replaced_attention
         _PLAN.reset(token)
 
 
@@ -155,9 +158,21 @@ def _register() -> None:
     if _REGISTERED:
         return
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, _mask)
     _REGISTERED.append(True)
+
+
+def _mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    """The mask a model builds itself under :data:`NAME` (a call given no 4-D mask): the one
+    of the implementation replaced, so such a call runs as it would have."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    name = getattr(config, "_memedit_replaced_attention", "sdpa")
+    build = AttentionMaskInterface().get(name, sdpa_mask)
+    return build(*args, config=config, **kwargs)
 
 
 def _attention(
@@ -190,7 +205,8 @@ def _attention(
             kwargs["softcap"] = softcap
         if window is not None:
             kwargs["sliding_window"] = window
-        replaced = _replaced(module, "sdpa" if found is None else found[1])
+        name = found[1] if found is not None else _replaced_name(module)
+        replaced = _replaced(module, name)
         result: tuple[torch.Tensor, None] = replaced(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -244,3 +260,10 @@ def _replaced(module: nn.Module, name: str) -> Any:
     from transformers import AttentionInterface
 
     return AttentionInterface()[name]
+
+
+def _replaced_name(module: nn.Module) -> str:
+    """The implementation a plan-less call stands for: the one :func:`row_attention` replaced
+    on the module's config (a call from another thread while a pass runs), else sdpa."""
+    config = getattr(module, "config", None)
+    return str(getattr(config, "_memedit_replaced_attention", "sdpa"))

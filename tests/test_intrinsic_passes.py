@@ -99,16 +99,33 @@ def test_the_attention_setting_is_put_back_after_an_exception() -> None:
     assert model.config._attn_implementation == before
 
 
-def test_calls_of_another_shape_run_the_replaced_attention() -> None:
-    """A forward that is not the planned pass (here the whole model on other tokens) runs as
-    it would without the plan, bit for bit."""
-    model, tok = BUILDERS["llama"]()
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_calls_of_another_shape_run_the_replaced_attention(arch: str) -> None:
+    """A forward that is not the planned pass (the whole model on other tokens), or one from
+    another thread, which sees no plan, runs as it would without the plan, bit for bit: sdpa
+    for Llama, Gemma 2's own capped eager attention for Gemma 2."""
+    import threading
+
+    model, tok = BUILDERS[arch]()
+    if arch == "gemma2":  # logits large enough for the cap (which sdpa would ignore) to act
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    param.mul_(30.0)
+        for sub in model.modules():
+            if hasattr(sub, "attn_logit_softcapping"):
+                sub.attn_logit_softcapping = 0.5
     ids = tok("Where did Leo Arons die ?", return_tensors="pt").input_ids
+    seen: list[torch.Tensor] = []
     with torch.no_grad():
         want = model(input_ids=ids).logits
         with row_attention(model, row_plan([3, 2], [0, 1], None, torch.device("cpu"))):
             got = model(input_ids=ids).logits
+            thread = threading.Thread(target=lambda: seen.append(model(input_ids=ids).logits))
+            thread.start()
+            thread.join()
     assert torch.equal(got, want)
+    assert torch.equal(seen[0], want)
 
 
 def test_gemma2s_capped_attention_gives_the_same_pass_row_by_row() -> None:
