@@ -294,12 +294,13 @@ def optimise_value(
 #: Requests whose values :func:`optimise_values` optimises in one forward pass on an accelerator.
 VALUE_CHUNK = 32
 
-#: The same on a CPU. The packed layout's attention is dense over every row of the pass, so
-#: large passes pay for it. On the 2-core machine (SmolLM2-135M, MEMIT's layer 7, the first 20
-#: ZsRE dev requests, two threads; ``benchmarks/value_passes.py``) chunks of 4 took 3.88 s per
-#: request against 5.56 s one at a time (6.14 s in the padded layout); on 10 requests chunks
-#: of 5 and 10 took 4.00 and 4.92 s against 4.82 s one at a time.
-CPU_VALUE_CHUNK = 4
+#: The same on a CPU. While the packed layout's attention was dense over every row of the
+#: pass, 4 was best (2-core machine, SmolLM2-135M, MEMIT's layer 7: 3.88 s per request against
+#: 5.56 s one at a time). Row by row (``row_attention``) the attention no longer grows with the
+#: square of the pass, and 8 is (first 16 ZsRE dev requests, ``benchmarks/value_passes.py``,
+#: two threads: fp32 3.10 s per request against 3.31-3.49 at 4 and 3.07 at 16; bf16 2.14
+#: against 2.40 and 2.31; a MEMIT batch of 100: 327.6 s against 386.5 s at 4).
+CPU_VALUE_CHUNK = 8
 
 
 def optimise_values(
