@@ -3,10 +3,10 @@
 A value pass (:mod:`memedit.intrinsic.values`) adds the optimised vector to one module's
 output in block ``L``; nothing below that block depends on it, and the tokens, positions and
 masks of a layout stay the same from pass to pass. So block ``L - 1``'s output is kept from the
-first pass of a layout and the passes after it start there: blocks ``0 .. L - 1`` return the
-kept output without computing (stand-ins that each return it, so the model's loop over its
-blocks is unchanged), and only the blocks from ``L`` up run forward and backward. The kept output is
-the one the full pass computed, so the result is the full pass's exactly.
+first pass of a layout and the passes after it start there: blocks ``0 .. L - 1`` are
+replaced for the pass by stand-ins that each return the kept output (so the model's loop over
+its blocks is unchanged), and only the blocks from ``L`` up run forward and backward. The kept
+output is the one the full pass computed, so the result is the full pass's exactly.
 """
 
 from __future__ import annotations
