@@ -47,6 +47,7 @@ class BelowCache:
         self.count = 0 if layer is None else layer
         self.owner: object | None = None
         self.output: Any = None
+        self.stand_ins: list[nn.Module] = []
 
     @contextmanager
     def run(self, owner: object) -> Iterator[None]:
@@ -58,7 +59,7 @@ class BelowCache:
             with self._replay():
                 yield
         else:
-            self.owner, self.output = None, None
+            self.owner, self.output, self.stand_ins = None, None, []
             seen: list[Any] = []
             last = self.blocks[self.count - 1]
             handle = last.register_forward_hook(lambda _m, _i, out: seen.append(out))
@@ -68,16 +69,20 @@ class BelowCache:
                 handle.remove()
             if seen:
                 self.owner, self.output = owner, _detached(seen[-1])
+                kept = _kept_type()  # made once per layout, swapped in for every later pass
+                self.stand_ins = [
+                    kept(self.output, self.blocks[i], i == self.count - 1)
+                    for i in range(self.count)
+                ]
 
     @contextmanager
     def _replay(self) -> Iterator[None]:
         """Blocks ``0 .. L - 1`` swapped for stand-ins that return the kept output (their own
         hooks do not run again: their effect is in what was kept)."""
-        kept = _kept_type()
         originals = [self.blocks[i] for i in range(self.count)]
         try:
-            for i, block in enumerate(originals):
-                self.blocks[i] = kept(self.output, block)
+            for i, stand_in in enumerate(self.stand_ins):
+                self.blocks[i] = stand_in
             yield
         finally:
             for i, block in enumerate(originals):
@@ -90,16 +95,19 @@ def _kept_type() -> type[nn.Module]:
     from torch import nn
 
     class Kept(nn.Module):
-        """Stands in for a block: returns a copy of the kept output, whatever it is given."""
+        """Stands in for a block: returns the kept output, whatever it is given; the last one
+        a copy (what the blocks above receive, and may change in place), the others the kept
+        output itself (the next stand-in ignores it)."""
 
-        def __init__(self, output: Any, block: nn.Module) -> None:
+        def __init__(self, output: Any, block: nn.Module, last: bool) -> None:
             super().__init__()
             self.output = output
+            self.last = last
             if hasattr(block, "attention_type"):  # read by some models' block loops
                 self.attention_type = block.attention_type
 
         def forward(self, *_args: Any, **_kwargs: Any) -> Any:
-            return _cloned(self.output)
+            return _cloned(self.output) if self.last else self.output
 
     return Kept
 

@@ -144,11 +144,8 @@ def _manifest_lines(manifest: Mapping[str, Any]) -> list[str]:
             f"{first}–{last} of {Path(unrelated['file']).name} "
             f"(sha256 {unrelated['sha256'][:12]}…)"
         ]
-    layers = {
-        s: v.get("layers", v.get("layer"))
-        for s, v in manifest.get("settings", {}).items()
-        if v.get("layers", v.get("layer")) is not None
-    }
+    placed = {s: v.get("layers", v.get("layer")) for s, v in manifest.get("settings", {}).items()}
+    layers = {s: v for s, v in placed.items() if v is not None}
     if layers:  # runs since manifests keep resolved settings (all of them: summary.json)
         extra.append("- layers: " + "; ".join(f"{s} {v}" for s, v in layers.items()))
     return [
