@@ -14,7 +14,8 @@ unchanged from before the edits). Then the deltas are reverted (newest first) an
 matrix checked bit for bit. Each ``--hp`` is one row (``FIELD=VALUE[,FIELD=VALUE]``); each row
 starts from the unedited model. Prints the means ×100, the unedited model's scores, seconds per
 batch (key statistics already computed — they are one-off per model and layer: the one-off
-time is printed), the mean target-value NLL and residual norms, and the process's peak RSS.
+time is printed), the mean target-value NLL and passes per value, the residual norms, and the
+process's peak RSS.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run(
 
     hp = resolve_hparams(method, {"stats_tokens": args.stats_tokens, **options}, model)
     state = AlphaEditState() if method == "alphaedit" else None
-    deltas, secs, nll, resid = [], [], [], []
+    deltas, secs, nll, steps, resid = [], [], [], [], []
     for start in range(0, len(requests), args.batch_size):
         batch = requests[start : start + args.batch_size]
         t0 = time.perf_counter()
@@ -94,6 +95,7 @@ def run(
         secs.append(time.perf_counter() - t0)
         deltas.append(delta)
         nll += delta.info["value_nll"]
+        steps += delta.info["value_steps"]
         resid.append(delta.info["residual_norm"])
     succ, reph, loc = score(model, tok, requests, args.pre)
     originals: dict[str, Any] = {}
@@ -116,6 +118,7 @@ def run(
         f"| {method} | {opts} | {','.join(map(str, hp.layers))} | {len(requests)} "
         f"| {args.batch_size} | {succ:.2f} | {reph:.2f} | {loc:.2f} "
         f"| {statistics.fmean(secs):.1f} | {statistics.fmean(nll):.3f} "
+        f"| {statistics.fmean(steps):.1f} "
         f"| {statistics.fmean(first):.2f} → {statistics.fmean(last):.2f} |"
     )
 
@@ -215,9 +218,9 @@ def main() -> None:
     print()
     print(
         "| method | options | layers | n | batch | Edit Succ. | rephrase | Locality "
-        "| s/batch | value NLL | residual first → last |"
+        "| s/batch | value NLL | value passes | residual first → last |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method, options in rows:
         print(run(method, options, model, tok, requests, args), flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
