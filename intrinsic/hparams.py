@@ -143,6 +143,12 @@ class ValueHparams:
     Gupta et al. 2025: the value is driven no further than the edit needs, so it stays
     smaller and the optimisation takes fewer passes).
 
+    ``bare_until``: above 0, a request's passes start with only its bare prompt (and the KL
+    rows); its prefixed prompts join once the bare prompt's NLL is below ``bare_until``, and the
+    early stop then tests all of them as usual. The early passes run a fraction of the tokens
+    (the prefixed prompts are most of a pass), so the value costs fewer token passes; 0 (the
+    default) runs every prompt from the first pass.
+
     Context prefixes: the bare prompt plus ``n_prefixes`` texts sampled from the model itself
     (top-5 sampling, seed ``prefix_seed``, ``prefix_tokens`` new tokens after one of EasyEdit's
     starters "The", "Therefore", "Because", "I", "You"), so nothing is downloaded.
@@ -173,6 +179,7 @@ class ValueHparams:
     after_factor: float = 0.0
     early_stop_loss: float = 0.05
     stop_at_argmax: bool = False
+    bare_until: float = 0.0
     n_prefixes: int = 4
     prefix_tokens: int = 5
     prefix_seed: int = 0
@@ -194,6 +201,7 @@ class ValueHparams:
             self, "neighbour_templates", check_templates(owner, self.neighbour_templates)
         )
         check_float(owner, "early_stop_loss", self.early_stop_loss)
+        check_float(owner, "bare_until", self.bare_until)
         check_int(owner, "n_prefixes", self.n_prefixes, minimum=0)
         check_int(owner, "prefix_tokens", self.prefix_tokens, minimum=1)
         check_int(owner, "prefix_seed", self.prefix_seed, minimum=0)

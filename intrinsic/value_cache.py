@@ -62,6 +62,7 @@ _ACTIVE: ContextVar[ValueCache | None] = ContextVar("memedit_value_cache", defau
 LATER_FIELDS: dict[str, object] = {
     "after_factor": 0.0,
     "stop_at_argmax": False,
+    "bare_until": 0.0,
     "value_dtype": "model",
     "general_weight": 0.0,  # AlphaEdit's: a solve setting, not the value's
 }

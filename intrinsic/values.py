@@ -440,13 +440,16 @@ def _plan(
 class _Pass:
     """The rows of the requests still optimising, laid out for one forward pass: every
     request's prompt rows, then every request's KL rows; ``owner`` maps each row to its
-    position in ``active``."""
+    position in ``active``, ``first`` gives each active request's first (bare) prompt row and
+    ``n_rows`` its number of prompt rows."""
 
     active: list[int]
     batch: TargetBatch
     rows: _Rows
     owner: torch.Tensor
     n_prompts: int
+    first: list[int]
+    n_rows: torch.Tensor
     kl_at: list[int]
     kl_owner: torch.Tensor
     kl_weight: torch.Tensor
@@ -460,23 +463,27 @@ def _layout(
     active: list[int],
     hp: ValueHparams,
     head: _Head | None = None,
+    bare: frozenset[int] = frozenset(),
 ) -> _Pass:
-    """The pass for the requests ``active``; ``head``: the cached tokens of an earlier pass of
-    the same chunk (packed layout only)."""
+    """The pass for the requests ``active``, those in ``bare`` with their bare prompt only;
+    ``head``: the cached tokens of an earlier pass of the same chunk that had every row of
+    these requests (packed layout only)."""
     import torch
 
     device = model_device(model)
-    pairs = [pair for i in active for pair in plans[i].pairs]
-    cols = [c for i in active for c in plans[i].cols]
+    used = {i: range(1 if i in bare else len(plans[i].pairs)) for i in active}
+    pairs = [plans[i].pairs[j] for i in active for j in used[i]]
+    cols = [plans[i].cols[j] for i in active for j in used[i]]
     kl_rows = [row for i in active for row in plans[i].kl_rows]
     kl_read = [r for i in active for r in plans[i].kl_read]
     cols += [c for i in active for c in plans[i].kl_cols]
-    owner = [k for k, i in enumerate(active) for _ in plans[i].pairs]
+    owner = [k for k, i in enumerate(active) for _ in used[i]]
     kl_owner = [k for k, i in enumerate(active) for _ in plans[i].kl_rows]
+    counts = [len(used[i]) for i in active]
     batch = target_batch(tokenizer, pairs, device, extra_rows=kl_rows, extra_keep=kl_read)
     if hp.prefix_cache and _takes_custom_mask(model):
         width = 1 + max(len(p.pairs) + len(p.kl_rows) for p in plans)
-        row_ids = [i * width + j for i in active for j in range(len(plans[i].pairs))]
+        row_ids = [i * width + j for i in active for j in used[i]]
         row_ids += [
             i * width + len(plans[i].pairs) + j
             for i in active
@@ -494,6 +501,8 @@ def _layout(
         rows=rows,
         owner=torch.tensor(owner + kl_owner, dtype=torch.long, device=device),
         n_prompts=n_prompts,
+        first=[sum(counts[:k]) for k in range(len(active))],
+        n_rows=torch.tensor(counts, device=device, dtype=torch.float32),
         kl_at=[int(batch.flat[n_prompts + j, pos]) for j, pos in enumerate(kl_read)],
         kl_owner=torch.tensor(kl_owner, dtype=torch.long, device=device),
         kl_weight=torch.tensor(
@@ -518,8 +527,14 @@ def _optimise_chunk(
     from memedit.hooks import edit_output
 
     plans = [_plan(tokenizer, r, prefixes, hp) for r in requests]
-    n_prefixes = len(prefixes)
-    cur = _layout(model, tokenizer, plans, list(range(len(requests))), hp)
+    every = list(range(len(requests)))
+    # Requests still on their bare prompt (``bare_until``); the packed layout's cached head is
+    # made with every row, so the prefixed rows can join later without a new one.
+    bare = set(every) if hp.bare_until > 0 and len(prefixes) > 1 else set()
+    head = None
+    if bare and hp.prefix_cache and _takes_custom_mask(model):
+        head = _layout(model, tokenizer, plans, every, hp).head
+    cur = _layout(model, tokenizer, plans, every, hp, head, frozenset(bare))
     deltas: dict[int, torch.Tensor] = {}
     inits: dict[int, torch.Tensor] = {}
     kl_init: dict[int, torch.Tensor] = {}
@@ -532,7 +547,7 @@ def _optimise_chunk(
         rows = cur.rows
         if not deltas:
             for k, i in enumerate(cur.active):  # the bare prompt is each request's first row
-                j = k * n_prefixes
+                j = cur.first[k]
                 inits[i] = out[rows.index[j], rows.cols[j]].detach().float().clone()
                 deltas[i] = torch.zeros(
                     out.shape[-1], device=out.device, dtype=torch.float32, requires_grad=True
@@ -558,7 +573,12 @@ def _optimise_chunk(
                     position_ids=cur.rows.positions,
                 )
             logp = logits.float().log_softmax(dim=-1)
-            nll = cur.batch.nll(logp).reshape(len(cur.active), n_prefixes).mean(dim=1)
+            prompt_owner = cur.owner[: cur.n_prompts]
+            per_request = torch.zeros(len(cur.active), device=logp.device)
+            if bare:
+                nll = per_request.index_add(0, prompt_owner, cur.batch.nll(logp)) / cur.n_rows
+            else:  # every request has all its prompts: the same sums as always
+                nll = cur.batch.nll(logp).reshape(len(cur.active), len(prefixes)).mean(dim=1)
             delta = torch.stack([deltas[i] for i in cur.active])
             init = torch.stack([inits[i] for i in cur.active])
             decay = hp.v_weight_decay * delta.norm(dim=1) / init.norm(dim=1).clamp_min(1e-12) ** 2
@@ -574,15 +594,25 @@ def _optimise_chunk(
             losses, nlls = loss.detach().tolist(), nll.detach().tolist()
             solved = [False] * len(cur.active)
             if hp.stop_at_argmax:
-                solved = (
-                    cur.batch.hits(logp).reshape(len(cur.active), n_prefixes).all(dim=1).tolist()
-                )
+                misses = (~cur.batch.hits(logp)).float()
+                solved = (per_request.index_add(0, prompt_owner, misses) == 0).tolist()
             going: list[int] = []
+            joined = False
             for k, i in enumerate(cur.active):
                 logger.debug(
-                    "value %d step %d: loss %.4f nll %.4f", first + i, step, losses[k], nlls[k]
+                    "value %d step %d: loss %.4f nll %.4f%s",
+                    first + i,
+                    step,
+                    losses[k],
+                    nlls[k],
+                    " (bare)" if i in bare else "",
                 )
-                if nlls[k] < hp.early_stop_loss or solved[k] or step == hp.v_steps - 1:
+                if i in bare and step < hp.v_steps - 1:
+                    if nlls[k] < hp.bare_until:  # its prefixed prompts join from the next pass
+                        bare.discard(i)
+                        joined = True
+                    going.append(i)
+                elif nlls[k] < hp.early_stop_loss or solved[k] or step == hp.v_steps - 1:
                     target = inits[i] + deltas[i].detach()
                     results[i] = ValueResult(inits[i], target, losses[k], nlls[k], step + 1)
                 else:
@@ -603,10 +633,10 @@ def _optimise_chunk(
                     max_norm = hp.clamp_norm_factor * inits[i].norm()
                     if deltas[i].norm() > max_norm:
                         deltas[i].mul_(max_norm / deltas[i].norm())
-            if going != cur.active:
+            if going != cur.active or joined:
                 live[0] = False
                 try:
-                    cur = _layout(model, tokenizer, plans, going, hp, cur.head)
+                    cur = _layout(model, tokenizer, plans, going, hp, cur.head, frozenset(bare))
                 finally:
                     live[0] = True
     return [results[i] for i in range(len(requests))]

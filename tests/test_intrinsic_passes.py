@@ -291,3 +291,73 @@ def test_a_value_with_both_shortcuts_is_the_value_without_them(
     monkeypatch.undo()
     other = values.optimise_value(model, tok, reqs[0], module, prefixes, dataclasses.replace(rome))
     torch.testing.assert_close(one.target, other.target, rtol=1e-4, atol=1e-5)
+
+
+def _traces(caplog: pytest.LogCaptureFixture) -> dict[int, list[tuple[float, bool]]]:
+    """Each request's logged (NLL, on its bare prompt only) per pass, in order."""
+    out: dict[int, list[tuple[float, bool]]] = {}
+    for r in caplog.records:
+        if r.msg.startswith("value %d step"):
+            args: Any = r.args
+            out.setdefault(int(args[0]), []).append((float(args[3]), args[4] == " (bare)"))
+    return out
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_bare_until_runs_the_bare_prompt_alone_until_its_nll_falls_below_it(
+    packed: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While on its bare prompt a value follows the path it has with no prefixes at all (same
+    loss, same Adam state); from the pass after its bare NLL falls below ``bare_until`` every
+    prefixed prompt is in its loss, in the packed layout (the cached head reused) as in the
+    padded one, whose values agree."""
+    from memedit.intrinsic import layer_cache, values
+
+    model, tok = _three_layers("llama")
+    reqs = [
+        EditRequest(prompt="Where did Leo Arons die ?", target_new="Berlin", subject="Leo Arons"),
+        EditRequest(prompt="The capital of France is", target_new="Rome city", subject="France"),
+        EditRequest(prompt="Which tongue did Mary Ann speak ?", target_new="Dutch", subject="Mary"),
+    ]
+    prefixes = ("", "The sky is blue. ", "Q: A: ")
+    hp: Any = MemitHparams(  # no decay: the NLL falls monotonically
+        v_steps=8, early_stop_loss=0.0, clamp_norm_factor=100.0, v_weight_decay=0.0, v_lr=0.5
+    )
+    module = mlp_out_name(model, 1)
+    if not packed:
+        monkeypatch.setattr(values, "_takes_custom_mask", lambda _m: False)
+    with caplog.at_level(logging.DEBUG, logger="memedit.intrinsic.values"):
+        values.optimise_values(model, tok, reqs, module, ("",), hp, chunk=2)
+    alone = {i: [nll for nll, _ in t] for i, t in _traces(caplog).items()}
+    assert all(a[3] < a[0] - 1e-3 for a in alone.values()), alone  # the bare NLL falls
+    cut = sorted(a[2] for a in alone.values())[1]  # one request joins at pass 2 or earlier
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="memedit.intrinsic.values"):
+        found = values.optimise_values(
+            model, tok, reqs, module, prefixes, dataclasses.replace(hp, bare_until=cut), chunk=2
+        )
+    joined_by_pass_2 = 0
+    for i, trace in _traces(caplog).items():
+        n_bare = next((s + 1 for s, (nll, _) in enumerate(trace) if nll < cut), 8)
+        assert [on_bare for _, on_bare in trace] == [True] * n_bare + [False] * (8 - n_bare)
+        for (nll, _), ref in zip(trace[:n_bare], alone[i], strict=False):
+            assert math.isclose(nll, ref, rel_tol=1e-4, abs_tol=1e-5), (i, trace, alone[i])
+        joined_by_pass_2 += n_bare <= 3
+        assert found[i].steps == 8
+    assert 1 <= joined_by_pass_2 < 3  # some requests joined while others stayed bare
+    if packed:  # the padded layout, which makes its own cache, finds the same values
+        monkeypatch.setattr(values, "_takes_custom_mask", lambda _m: False)
+        monkeypatch.setattr(layer_cache.BelowCache, "run", lambda _self, _owner: nullcontext())
+        padded = values.optimise_values(
+            model, tok, reqs, module, prefixes, dataclasses.replace(hp, bare_until=cut), chunk=2
+        )
+        for a, b in zip(found, padded, strict=True):
+            torch.testing.assert_close(a.target, b.target, rtol=1e-4, atol=1e-5)
+            assert math.isclose(a.nll, b.nll, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_bare_until_must_be_a_non_negative_number() -> None:
+    from memedit.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="bare_until"):
+        MemitHparams(bare_until=-0.5)
