@@ -9,7 +9,7 @@ and prints the seconds, the mean number of passes and their histogram, each requ
 ‖target − init‖ / ‖init‖ (the norm clamp binds at ``clamp_norm_factor``) and the NLL trace
 of the first ``--show`` requests. ``--beta2`` replaces Adam's second-moment decay (0.999) for
 the run, to test whether the slow final approach to the NLL stop is Adam's memory of the
-early, large gradients.
+early, large gradients. ``--chunk`` sets the requests per pass (default: the CPU's).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--hp", default="", help="FIELD=VALUE[,FIELD=VALUE] over MEMIT's defaults")
     ap.add_argument("--beta2", type=float, default=None, help="Adam's beta2 for the run")
     ap.add_argument("--show", type=int, default=8, help="requests whose NLL trace is printed")
+    ap.add_argument("--chunk", type=int, default=None, help="requests per pass (default: CPU's)")
     args = ap.parse_args()
 
     import torch
@@ -70,10 +71,13 @@ def main() -> None:
     log.setLevel(logging.DEBUG)
     log.addHandler(trace)
     t0 = time.perf_counter()
-    found = values.optimise_values(model, tok, requests, module, prefixes, hp)
+    found = values.optimise_values(model, tok, requests, module, prefixes, hp, chunk=args.chunk)
     secs = time.perf_counter() - t0
     steps = [v.steps for v in found]
-    print(f"model {args.model}; {args.dataset} dev, {len(found)} requests; {module}; {args.hp}")
+    print(
+        f"model {args.model}; {args.dataset} dev, {len(found)} requests; {module}; {args.hp}; "
+        f"chunk {args.chunk or values.CPU_VALUE_CHUNK}"
+    )
     print(
         f"beta2 {args.beta2 or 0.999}; {secs:.1f} s; {sum(steps) / len(steps):.1f} passes per value"
     )
