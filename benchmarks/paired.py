@@ -14,7 +14,6 @@ summary takes them. When a directory holds several strategies' records, ``--stra
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
@@ -22,30 +21,21 @@ from pathlib import Path
 METRICS = ("edit_succ", "rephrase", "portability", "locality", "fluency")
 
 
-def _record_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name in METRICS:
-        if name in metrics:
-            out[name] = metrics[name]
-            continue
-        parts = [v for k, v in metrics.items() if k.startswith(name + "/") and v == v]
-        if parts:
-            out[name] = statistics.fmean(parts)
-    return out
+def load(run: Path, strategy: str | None) -> dict[tuple[object, ...], dict[str, float]]:
+    """``(dataset, mode, T, index) -> metrics`` of the run's scored records (of ``strategy``,
+    if given); Portability and Locality per record as the evaluator's summary takes them."""
+    from memedit.evaluation.report import aggregate, load_records
 
-
-def load(run: Path, strategy: str | None) -> dict[tuple[str, int], dict[str, float]]:
-    """``(dataset, index) -> metrics`` of the run's records (of ``strategy``, if given)."""
-    found: dict[tuple[str, int], dict[str, float]] = {}
-    files = sorted((run / "records").glob("*/*.jsonl"))
-    if not files:
+    lines = load_records(run)
+    if not lines:
         raise SystemExit(f"{run}: no records/<dataset>/*.jsonl")
-    for path in files:
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if strategy is not None and rec.get("strategy") != strategy:
-                continue
-            found[(rec["dataset"], int(rec["index"]))] = _record_metrics(rec["metrics"])
+    found: dict[tuple[object, ...], dict[str, float]] = {}
+    for rec in lines:
+        if "metrics" not in rec or (strategy is not None and rec.get("strategy") != strategy):
+            continue
+        values = {name: aggregate([rec["metrics"]], name) for name in METRICS}
+        key = (rec["dataset"], rec["mode"], rec.get("T", 0), int(rec["index"]))
+        found[key] = {name: v for name, v in values.items() if not math.isnan(v)}
     return found
 
 
